@@ -1,0 +1,117 @@
+"""Running the IPAM plugin named by `ipam.type` from CNI_PATH (libcni's invoke package).
+
+The delegate gets our exact stdin and environment with only CNI_COMMAND replaced, and
+`IgnoreUnknown=1` prepended to CNI_ARGS as Calico does, so plugins that parse CNI_ARGS
+strictly (host-local) accept the Kubernetes keys. Its error JSON is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+
+from cni_plugin.skel import Request
+from cni_plugin.types import (
+    ERR_DECODE,
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_TRY_AGAIN_LATER,
+    CNIError,
+    Result,
+    parse_result,
+)
+
+log = logging.getLogger(__name__)
+
+# Calico's IPAM gives itself 90 s after taking the host lock; leave room for the lock wait.
+EXEC_TIMEOUT_S = 150.0
+
+
+def find_plugin(plugin_type: str, path: list[str]) -> str:
+    """The first regular file named `plugin_type` in the CNI_PATH directories."""
+    if os.sep in plugin_type:
+        raise CNIError(ERR_INVALID_CONFIG, f'invalid plugin name "{plugin_type}"')
+    for directory in path:
+        candidate = os.path.join(directory, plugin_type)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CNIError(
+        ERR_INVALID_CONFIG,
+        f'failed to find plugin "{plugin_type}" in path {json.dumps(path)}',
+        "install the IPAM plugin into a CNI_PATH directory or fix ipam.type",
+    )
+
+
+def delegate_env(command: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CNI_COMMAND"] = command
+    args = env.get("CNI_ARGS", "")
+    if not args.startswith("IgnoreUnknown=1"):
+        args = "IgnoreUnknown=1;" + args if args else "IgnoreUnknown=1"
+    env["CNI_ARGS"] = args
+    return env
+
+
+def exec_plugin(plugin_type: str, command: str, req: Request, stdin: bytes | None = None) -> bytes:
+    """Run the delegate; returns its stdout, raises its error (or ours) as CNIError."""
+    binary = find_plugin(plugin_type, req.path)
+    try:
+        proc = subprocess.run(
+            [binary],
+            input=req.stdin if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            env=delegate_env(command),
+            timeout=EXEC_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CNIError(
+            ERR_TRY_AGAIN_LATER,
+            f"IPAM plugin {plugin_type} {command} timed out after {exc.timeout:.0f}s",
+        ) from exc
+    except OSError as exc:
+        raise CNIError(ERR_INTERNAL, f"failed to run IPAM plugin {binary}: {exc}") from exc
+    if proc.returncode != 0:
+        raise _delegate_error(plugin_type, proc.stdout)
+    return proc.stdout
+
+
+def _delegate_error(plugin_type: str, stdout: bytes) -> CNIError:
+    try:
+        doc = json.loads(stdout)
+        return CNIError(int(doc["code"]), str(doc.get("msg", "")), str(doc.get("details", "")))
+    except (ValueError, KeyError, TypeError):
+        text = stdout.decode(errors="replace").strip()
+        return CNIError(
+            ERR_INTERNAL,
+            f"netplugin {plugin_type} failed but error parsing its diagnostic message",
+            text,
+        )
+
+
+def add(plugin_type: str, req: Request, version: str) -> Result:
+    out = exec_plugin(plugin_type, "ADD", req)
+    try:
+        doc = json.loads(out)
+    except ValueError as exc:
+        raise CNIError(
+            ERR_DECODE, f"IPAM plugin {plugin_type} printed invalid JSON: {exc}"
+        ) from exc
+    result = parse_result(doc, version)
+    if not result.ips:
+        raise CNIError(ERR_INTERNAL, "IPAM plugin returned missing IP config")
+    return result
+
+
+def delete(plugin_type: str, req: Request) -> None:
+    exec_plugin(plugin_type, "DEL", req)
+
+
+def release_after_failure(plugin_type: str, req: Request) -> None:
+    """Undo an IPAM ADD when a later step failed; never hides the original error."""
+    try:
+        delete(plugin_type, req)
+    except CNIError as err:
+        log.error("IPAM DEL after a failed ADD also failed: %s", err)

@@ -1,0 +1,210 @@
+"""The `calico` CNI plugin's verbs, in the style of the reference ptp plugin.
+
+ADD: IPAM first, then the dataplane; anything failing after a successful IPAM ADD
+releases the addresses again. DEL: IPAM release first (it needs no netns), then the pod
+interface. CHECK, STATUS and GC are real (Calico's own plugin has none of them).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import Any
+
+from cni_plugin import ipam_exec, logs
+from cni_plugin.netconf import NetConf
+from cni_plugin.skel import Request
+from cni_plugin.types import (
+    ERR_INVALID_CONFIG,
+    ERR_NOT_AVAILABLE,
+    CNIError,
+    IPConfig,
+    IPNetwork,
+    Result,
+    Route,
+)
+
+COMPONENT = "cni-plugin"
+DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+log = logging.getLogger(COMPONENT)
+
+
+def _load(req: Request) -> NetConf:
+    conf = NetConf.load(req.config)
+    logs.setup(
+        COMPONENT,
+        conf.log_level,
+        conf.log_file_path,
+        conf.log_file_max_size,
+        conf.log_file_max_count,
+    )
+    return conf
+
+
+def _fields(req: Request, **extra: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {"ContainerID": req.container_id}
+    if req.args.get("K8S_POD_NAME"):
+        fields["Namespace"] = req.args.get("K8S_POD_NAMESPACE", "")
+        fields["Pod"] = req.args["K8S_POD_NAME"]
+    fields.update(extra)
+    return fields
+
+
+def _ipam_type(conf: NetConf) -> str:
+    if conf.ipam is None:
+        raise CNIError(
+            ERR_INVALID_CONFIG, "invalid network config: ipam: missing IPAM configuration"
+        )
+    return conf.ipam.type
+
+
+def _refuse_pod_cidr(conf: NetConf) -> None:
+    """usePodCidr needs the node's spec.podCIDRs, which only the Kubernetes datastore has."""
+    if conf.ipam is not None and conf.ipam.uses_pod_cidr():
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f'ipam subnet "{conf.ipam.subnet or "usePodCidr"}" needs the node\'s podCIDRs from '
+            "the Kubernetes datastore, which this build does not support yet",
+            "give ipam.subnet as a CIDR, or use calico-ipam with IP pools",
+        )
+
+
+def pod_routes(conf: NetConf, families: set[int]) -> list[IPNetwork]:
+    """host-local's custom `ipam.routes` (gateway ignored), else the default routes."""
+    custom = [
+        ipaddress.ip_network(r["dst"], strict=False)
+        for r in (conf.ipam.raw.get("routes") or [] if conf.ipam else [])
+    ]
+    routes = custom if custom else list(DEFAULT_ROUTES)
+    if custom and conf.include_default_routes:
+        routes += [d for d in DEFAULT_ROUTES if d not in routes]
+    return [r for r in routes if r.version in families]
+
+
+def _narrow(ip: Any) -> Any:
+    """Calico programs and reports every pod address as /32 or /128."""
+    return ipaddress.ip_interface(f"{ip.ip}/{ip.max_prefixlen}")
+
+
+def cmd_add(req: Request) -> Result:
+    from cni_plugin import dataplane
+
+    started = time.monotonic()
+    conf = _load(req)
+    conf.require_nodename_file()
+    ipam_type = _ipam_type(conf)
+    _refuse_pod_cidr(conf)
+    mtu = conf.resolve_mtu()
+    host_ifname = dataplane.host_veth_name(req.args, req.container_id)
+    log.info("Calico CNI ADD", extra={"fields": _fields(req, Node=conf.resolve_nodename())})
+    ipam_result = ipam_exec.add(ipam_type, req, conf.cni_version)
+    try:
+        ips = [_narrow(ipc.address) for ipc in ipam_result.ips]
+        routes = pod_routes(conf, {ip.version for ip in ips})
+        log.info(
+            "Calico CNI using IPs: %s", [str(ip) for ip in ips], extra={"fields": _fields(req)}
+        )
+        interfaces = dataplane.setup_pod(
+            dataplane.PodSpec(
+                netns_path=req.netns,
+                ifname=req.ifname,
+                host_ifname=host_ifname,
+                ips=ips,
+                routes=routes,
+                mtu=mtu,
+                num_queues=conf.num_queues,
+                allow_ip_forwarding=conf.allow_ip_forwarding,
+            )
+        )
+    except BaseException as exc:
+        log.error("ADD failed after IPAM allocated addresses, releasing them: %s", exc)
+        ipam_exec.release_after_failure(ipam_type, req)
+        raise
+    gateways = {4: dataplane.GATEWAY_V4, 6: dataplane.GATEWAY_V6}
+    result = Result(
+        interfaces=[interfaces.host, interfaces.pod],
+        ips=[IPConfig(address=ip, interface=1) for ip in ips],
+        routes=[Route(dst=dst, gw=gateways[dst.version]) for dst in routes],
+        dns=ipam_result.dns,
+    )
+    log.info(
+        "Calico CNI ADD complete",
+        extra={"fields": _fields(req, Duration=_since(started), Interface=host_ifname)},
+    )
+    return result
+
+
+def _since(started: float) -> str:
+    return f"{(time.monotonic() - started) * 1000:.1f}ms"
+
+
+def _del_stdin(req: Request, conf: NetConf) -> bytes:
+    """host-local releases by container ID; a usePodCidr subnet becomes a dummy CIDR (Calico)."""
+    if conf.ipam is None or not conf.ipam.uses_pod_cidr():
+        return req.stdin
+    import json
+
+    raw = json.loads(req.stdin)
+    ipam = raw.get("ipam", {})
+    for holder in [ipam, *(r for rs in ipam.get("ranges") or [] for r in rs)]:
+        subnet = str(holder.get("subnet", "")).lower()
+        if subnet in ("usepodcidr", "usepodcidripv6"):
+            holder["subnet"] = "::/0" if subnet.endswith("ipv6") else "0.0.0.0/0"
+    return json.dumps(raw).encode()
+
+
+def cmd_del(req: Request) -> None:
+    from cni_plugin import dataplane
+
+    started = time.monotonic()
+    conf = _load(req)
+    ipam_type = _ipam_type(conf)
+    log.info("Calico CNI DEL", extra={"fields": _fields(req)})
+    log.info("Releasing address using handleID", extra={"fields": _fields(req)})
+    ipam_exec.exec_plugin(ipam_type, "DEL", req, stdin=_del_stdin(req, conf))
+    if req.netns:
+        dataplane.teardown_pod(req.netns, req.ifname)
+    else:
+        log.info("CNI_NETNS is empty: no interface to remove")
+    log.info(
+        "Teardown processing complete.", extra={"fields": _fields(req, Duration=_since(started))}
+    )
+
+
+def cmd_check(req: Request) -> None:
+    from cni_plugin import dataplane
+
+    conf = _load(req)
+    ipam_type = _ipam_type(conf)
+    ipam_exec.exec_plugin(ipam_type, "CHECK", req)
+    prev = conf.prev()
+    if prev is None:
+        raise CNIError(ERR_INVALID_CONFIG, "calico: Required prevResult missing")
+    host = next((i for i in prev.interfaces if not i.sandbox), None)
+    host_ifname = host.name if host else dataplane.host_veth_name(req.args, req.container_id)
+    families = {ipc.address.version for ipc in prev.ips}
+    dataplane.check_pod(req.netns, req.ifname, host_ifname, prev, pod_routes(conf, families))
+
+
+def cmd_status(req: Request) -> None:
+    """Ready when calico/node's files are in place and the IPAM plugin says it is ready."""
+    conf = _load(req)
+    try:
+        conf.require_nodename_file()
+        conf.resolve_mtu()
+        ipam_type = _ipam_type(conf)
+        ipam_exec.find_plugin(ipam_type, req.path)
+    except CNIError as err:
+        raise CNIError(ERR_NOT_AVAILABLE, err.msg, err.details) from err
+    ipam_exec.exec_plugin(ipam_type, "STATUS", req)
+
+
+def cmd_gc(req: Request) -> None:
+    """Pod interfaces vanish with their netns; what can leak is IPAM state, so GC delegates."""
+    conf = _load(req)
+    ipam_exec.exec_plugin(_ipam_type(conf), "GC", req)
+
+
+HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
