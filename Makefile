@@ -1,0 +1,55 @@
+# Build, install, test and benchmark the calico / calico-ipam CNI plugins.
+# Debian's python3: shared libpython for PyInstaller, and the interpreter cost-floor.md measured.
+PYTHON ?= /usr/bin/python3
+VENV ?= .venv
+DESTDIR ?=
+BINDIR ?= /opt/cni/bin
+# The bundle lives beside the launchers; launchers hold its absolute path, so they keep
+# working when copied or symlinked into another directory.
+BUNDLE_NAME := calico-bundle
+DIST := $(CURDIR)/dist
+
+.PHONY: all venv build install test lint demo bench clean
+
+all: build
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+build: venv
+	rm -rf build/pyinstaller $(DIST)/$(BUNDLE_NAME) $(DIST)/bin
+	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(DIST) \
+		--workpath build/pyinstaller build.spec
+	mkdir -p $(DIST)/bin
+	scripts/write-launcher $(DIST)/bin/calico $(DIST)/$(BUNDLE_NAME)/calico
+	ln -sf calico $(DIST)/bin/calico-ipam
+
+install:
+	test -x $(DIST)/$(BUNDLE_NAME)/calico || { echo "run 'make build' first" >&2; exit 1; }
+	install -d -m 0755 $(DESTDIR)$(BINDIR)
+	rm -rf $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new
+	cp -a $(DIST)/$(BUNDLE_NAME) $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new
+	rm -rf $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
+	mv $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
+	scripts/write-launcher $(DESTDIR)$(BINDIR)/calico $(BINDIR)/$(BUNDLE_NAME)/calico
+	scripts/write-launcher $(DESTDIR)$(BINDIR)/calico-ipam $(BINDIR)/$(BUNDLE_NAME)/calico
+
+test: build
+	scripts/run-tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: build
+	scripts/demo
+
+bench: build
+	$(VENV)/bin/python bench/cni_bench.py
+
+clean:
+	rm -rf build dist
