@@ -1,0 +1,77 @@
+"""The datastore interface every backend (local SQLite, etcd v3, Kubernetes) implements.
+
+Like host-local's Store, but key/value with compare-and-swap: the IPAM engine's
+correctness across processes and nodes rests entirely on `update`/`delete` refusing a
+stale `revision`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from ipam_plugin.model import Key, ListOptions
+
+
+@dataclass
+class KVPair:
+    key: Key
+    value: Any
+    revision: str | None = None
+
+
+class DatastoreError(Exception):
+    """Base of every datastore failure."""
+
+
+class NotFound(DatastoreError):
+    """The key does not exist."""
+
+
+class AlreadyExists(DatastoreError):
+    """`create` of a key that exists."""
+
+
+class Conflict(DatastoreError):
+    """Compare-and-swap failed: the object changed since it was read."""
+
+
+class DatastoreUnavailable(DatastoreError):
+    """The datastore cannot be reached or used now (CNI code 11, try again later)."""
+
+
+class DatastoreCorrupt(DatastoreUnavailable):
+    """The datastore's storage is damaged and needs an operator."""
+
+
+class Datastore(ABC):
+    @abstractmethod
+    def get(self, key: Key) -> KVPair:
+        """Return the current value and revision; raise NotFound."""
+
+    @abstractmethod
+    def list(self, options: ListOptions) -> list[KVPair]:
+        """All pairs selected by `options`, in key order (etcd's order)."""
+
+    @abstractmethod
+    def create(self, kvp: KVPair) -> KVPair:
+        """Store a new key; raise AlreadyExists. Returns the pair with its revision."""
+
+    @abstractmethod
+    def update(self, kvp: KVPair) -> KVPair:
+        """Replace the value if the stored revision is `kvp.revision`; raise Conflict/NotFound."""
+
+    @abstractmethod
+    def delete(self, kvp: KVPair) -> None:
+        """Remove the key if the stored revision is `kvp.revision` (None: unconditionally)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self) -> Datastore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
