@@ -755,7 +755,7 @@ class IPAM:
             self._decrement_handles(by_handle, cidr)
             freed_set = set(freed)
             unallocated += [t for t in texts if addresses[t] not in freed_set]
-        return unallocated
+        return [text for text in addresses if text in unallocated]
 
     def _release_from_block(
         self, cidr: IPNetwork, pick: Callable[[AllocationBlock], list[int]]
