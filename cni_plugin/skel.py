@@ -209,26 +209,32 @@ def run(handlers: dict[str, Handler], environ: dict[str, str] | None = None) -> 
     with their message, never as a traceback.
     """
     environ = dict(os.environ) if environ is None else environ
-    version = CURRENT_VERSION
+    req = Request(command="")
     try:
         req = _read_env(environ)
         if req.command == "VERSION":
             write_json(_version_document(_read_stdin()))
             return 0
         _decode_config(req, _read_stdin())
-        version = req.cni_version
         if req.command in ("ADD", "DEL", "CHECK"):
             guard_own_netns(req.netns, environ)
         result = handlers[req.command](req)
         if result is not None:
-            write_json(result.to_version(version))
+            write_json(result.to_version(req.cni_version))
         return 0
     except CNIError as err:
-        write_json(err.to_dict(version))
+        write_json(err.to_dict(_error_version(req)))
         return 1
     except Exception as exc:  # the last resort: a CNI error, never a traceback
         import logging
 
         logging.getLogger("cni").exception("unexpected error")
-        write_json(CNIError(ERR_INTERNAL, str(exc) or type(exc).__name__).to_dict(version))
+        error = CNIError(ERR_INTERNAL, str(exc) or type(exc).__name__)
+        write_json(error.to_dict(_error_version(req)))
         return 1
+
+
+def _error_version(req: Request) -> str:
+    """Errors carry the config's version when it is one we speak, else the newest."""
+    version = req.cni_version if req.config else CURRENT_VERSION
+    return version if version in SUPPORTED_VERSIONS else CURRENT_VERSION

@@ -187,33 +187,43 @@ class Node:
         timeout: float = 120,
     ) -> CNIResult:
         """Exec a plugin from this node's CNI_PATH inside the node netns."""
-        stdin = conf if isinstance(conf, bytes | str) else json.dumps(conf)
         full_env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": container_id,
             "CNI_NETNS": netns,
             "CNI_IFNAME": ifname,
             "CNI_ARGS": args,
             "CNI_PATH": self.cni_path,
+            **(env or {}),
         }
-        full_env.update(env or {})
-        proc = subprocess.run(
-            [
-                "nsenter",
-                f"--net={self.netns.path}",
-                os.path.join(self.cni_path.split(":")[0], binary),
-            ],
-            input=stdin if isinstance(stdin, bytes) else stdin.encode(),
-            capture_output=True,
-            env={k: v for k, v in full_env.items() if v is not None},
-            timeout=timeout,
-            check=False,
-        )
-        return CNIResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+        plugin = os.path.join(self.cni_path.split(":")[0], binary)
+        return run_plugin([plugin], full_env, conf, self.netns.path, timeout)
 
     def host_veths(self) -> list[str]:
         return [link["ifname"] for link in self.netns.links() if link["ifname"].startswith("cali")]
+
+
+def run_plugin(
+    argv: list[str],
+    env: dict[str, str],
+    conf: dict[str, Any] | bytes | str | None,
+    netns_path: str | None = None,
+    timeout: float = 120,
+) -> CNIResult:
+    """Run a plugin with exactly `env` (plus PATH) and `conf` on stdin, as a runtime does."""
+    if conf is None:
+        stdin = b""
+    elif isinstance(conf, bytes):
+        stdin = conf
+    else:
+        stdin = (conf if isinstance(conf, str) else json.dumps(conf)).encode()
+    full_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **env}
+    if netns_path:
+        argv = ["nsenter", f"--net={netns_path}", *argv]
+    proc = subprocess.run(
+        argv, input=stdin, capture_output=True, env=full_env, timeout=timeout, check=False
+    )
+    return CNIResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
 def calico_conf(version: str, ipam: dict[str, Any], **extra: Any) -> dict[str, Any]:
