@@ -142,6 +142,8 @@ def block_cap(config_limit: int, request_limit: int) -> int:
 
 @dataclass
 class AutoAssignRequest:
+    """What calico-ipam ADD asks for (Calico's AutoAssignArgs)."""
+
     handle_id: str
     hostname: str
     attrs: dict[str, str]  # node, pod, namespace, timestamp
@@ -156,6 +158,8 @@ class AutoAssignRequest:
 
 @dataclass
 class AssignResult:
+    """One family's outcome; fewer IPs than requested is not an error."""
+
     ips: list[IPInterface]  # with the block's mask, e.g. 10.0.0.5/26
     msgs: list[str]
     requested: int

@@ -25,6 +25,8 @@ from ipam_plugin.model import (
 
 @dataclass
 class BlockUsage:
+    """Addresses of one block: total, in use, free."""
+
     cidr: str
     affinity: str | None
     pool: str | None  # name of the pool containing the block, if any
@@ -38,6 +40,8 @@ class BlockUsage:
 
 @dataclass
 class PoolUsage:
+    """Addresses of one pool, summed over its blocks."""
+
     name: str
     cidr: str
     total: int
@@ -128,6 +132,8 @@ class HandleMismatch:
 
 @dataclass
 class AffinityProblem:
+    """An affinity without its block, or one the block disagrees with."""
+
     host: str
     cidr: str
     problem: str
@@ -135,6 +141,8 @@ class AffinityProblem:
 
 @dataclass
 class ConsistencyReport:
+    """Everything `ipam check` found; `ok` when empty."""
+
     leaked: list[LeakedAllocation] = field(default_factory=list)
     handle_mismatches: list[HandleMismatch] = field(default_factory=list)
     affinity_problems: list[AffinityProblem] = field(default_factory=list)

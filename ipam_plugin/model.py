@@ -44,11 +44,15 @@ def parse_network(text: str, field_path: str = "cidr") -> IPNetwork:
 
 @dataclass(frozen=True)
 class BlockKey:
+    """An IPAM block, by its CIDR."""
+
     cidr: IPNetwork
 
 
 @dataclass(frozen=True)
 class BlockAffinityKey:
+    """A host's (or virtual owner's) claim on one block."""
+
     host: str
     cidr: IPNetwork
     affinity_type: str = "host"
@@ -56,12 +60,14 @@ class BlockAffinityKey:
 
 @dataclass(frozen=True)
 class HandleKey:
+    """An IPAM handle: one workload's allocations."""
+
     handle_id: str
 
 
 @dataclass(frozen=True)
 class IPAMConfigKey:
-    pass
+    """The IPAM configuration singleton."""
 
 
 @dataclass(frozen=True)
@@ -140,11 +146,15 @@ def key_from_path(path: str) -> Key | None:
 
 @dataclass(frozen=True)
 class BlockListOptions:
+    """All blocks, or those of one IP version."""
+
     ip_version: int | None = None
 
 
 @dataclass(frozen=True)
 class BlockAffinityListOptions:
+    """Affinities, optionally of one host and/or IP version."""
+
     host: str | None = None
     ip_version: int | None = None
     affinity_type: str = "host"
@@ -152,11 +162,13 @@ class BlockAffinityListOptions:
 
 @dataclass(frozen=True)
 class HandleListOptions:
-    pass
+    """Every handle."""
 
 
 @dataclass(frozen=True)
 class ResourceListOptions:
+    """Every v3 resource of one kind."""
+
     kind: str
 
 
@@ -376,6 +388,8 @@ class AddressInUse(Exception):
 
 @dataclass
 class BlockAffinity:
+    """The value of a BlockAffinityKey: claim state (pending → confirmed)."""
+
     state: str = STATE_CONFIRMED
     deleted: bool = False
 
@@ -443,6 +457,8 @@ class IPAMConfig:
 
 @dataclass
 class ObjectMeta:
+    """v3 resource metadata; fields IPAM does not use are kept verbatim."""
+
     name: str
     labels: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # uid, creationTimestamp, ...
@@ -482,6 +498,8 @@ ASSIGNMENT_MODES = ("Automatic", "Manual")
 
 @dataclass
 class IPPoolSpec:
+    """IPPool spec with Calico's defaults (blockSize 26 / 122, nodeSelector all())."""
+
     cidr: str
     block_size: int
     ipip_mode: str = "Never"
@@ -533,6 +551,8 @@ class IPPoolSpec:
 
 @dataclass
 class IPPool:
+    """A projectcalico.org/v3 IPPool."""
+
     metadata: ObjectMeta
     spec: IPPoolSpec
     status: dict[str, Any] | None = None
@@ -619,6 +639,8 @@ class IPPool:
 
 @dataclass
 class IPReservation:
+    """Addresses auto-assign must never hand out."""
+
     metadata: ObjectMeta
     reserved_cidrs: list[str] = field(default_factory=list)
 
@@ -655,6 +677,8 @@ class Node:
 
 @dataclass
 class ClusterInformation:
+    """Cluster-wide facts (datastoreReady, clusterGUID, ...)."""
+
     metadata: ObjectMeta
     spec: dict[str, Any] = field(default_factory=dict)  # datastoreReady, clusterGUID, ...
 

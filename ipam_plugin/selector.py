@@ -21,6 +21,8 @@ class SelectorError(ValueError):
 
 @dataclass(frozen=True)
 class _Token:
+    """One lexical token with its position, for error messages."""
+
     kind: str  # "word", "string", a symbol, or "end"
     text: str
     pos: int

@@ -16,6 +16,8 @@ from ipam_plugin.model import Key, ListOptions
 
 @dataclass
 class KVPair:
+    """A key, its value, and the revision CAS compares against."""
+
     key: Key
     value: Any
     revision: str | None = None
