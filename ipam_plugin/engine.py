@@ -442,14 +442,17 @@ class IPAM:
 
         return _with_retries(attempt)
 
+    def _blocks_by_cidr(self, pools: list[IPPool]) -> dict[IPNetwork, KVPair]:
+        """Every block of the pools' IP version, in one datastore read."""
+        version = pools[0].network.version
+        return {kvp.key.cidr: kvp for kvp in self.store.list(BlockListOptions(version))}
+
     def _find_usable_block(
         self, host: str, pools: list[IPPool], reserved: Reservations
     ) -> IPNetwork:
         """First CIDR (hostname-seeded walk of each pool) with no block yet or with our
         free block; failing that, reclaim another host's long-empty block."""
-        blocks = {
-            kvp.key.cidr: kvp for kvp in self.store.list(BlockListOptions(pools[0].network.version))
-        }
+        blocks = self._blocks_by_cidr(pools)
         ours = host_affinity(host)
         reclaimable: list[KVPair] = []
         for pool in pools:
@@ -579,17 +582,16 @@ class IPAM:
         pools: list[IPPool],
         reserved: Reservations,
     ) -> list[IPInterface]:
-        """Non-strict affinity's last resort: free addresses in any existing block."""
+        """Non-strict affinity's last resort: free addresses in any existing block. One
+        list instead of Calico's GET per candidate; the block CAS catches staleness."""
+        blocks = self._blocks_by_cidr(pools)
         ips: list[IPInterface] = []
         for pool in pools:
             for cidr in block_cidrs(pool, host):
                 if len(ips) >= num:
                     return ips
-                if reserved.covers(cidr):
-                    continue
-                try:
-                    kvp = self.store.get(BlockKey(cidr))
-                except NotFound:
+                kvp = blocks.get(cidr)
+                if kvp is None or reserved.covers(cidr):
                     continue
                 ips += self._assign_from_block(
                     kvp, num - len(ips), handle_id, attrs, host, False, reserved
