@@ -9,9 +9,12 @@ BINDIR ?= /opt/cni/bin
 BUNDLE_NAME := calico-bundle
 DIST := $(CURDIR)/dist
 
-.PHONY: all venv build install test lint demo bench clean
+.PHONY: all deps venv build install test lint demo bench clean
 
 all: build
+
+deps:
+	scripts/install-deps
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-build: venv
+build: deps
 	rm -rf build/pyinstaller $(DIST)/$(BUNDLE_NAME) $(DIST)/bin
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(DIST) \
 		--workpath build/pyinstaller build.spec

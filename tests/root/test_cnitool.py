@@ -1,4 +1,4 @@
-"""The lifecycle through cnitool (libcni), as an operator runs it, with calico chained to portmap."""
+"""The lifecycle through cnitool (libcni) as an operator runs it: calico chained to portmap."""
 
 from __future__ import annotations
 

@@ -1,0 +1,347 @@
+"""The `calico-ipam` executable: Calico IP pools, or host-local style ranges.
+
+Pool mode (no `subnet`/`ranges` in `ipam`) runs Calico's block IPAM on the configured
+datastore under the node-wide lock. Range mode keeps host-local's on-disk format in
+`dataDir`, so it can share a directory with the Go host-local plugin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from cni_plugin import logs, skel
+from cni_plugin.netconf import IPAMConf, NetConf
+from cni_plugin.skel import Request
+from cni_plugin.types import (
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_NOT_AVAILABLE,
+    ERR_TRY_AGAIN_LATER,
+    CNIError,
+    IPConfig,
+    Result,
+    Route,
+)
+from ipam_plugin.datastore.base import (
+    DatastoreCorrupt,
+    DatastoreError,
+    DatastoreUnavailable,
+    NotFound,
+)
+from ipam_plugin.datastore.config import DatastoreSettings
+from ipam_plugin.lock import ipam_lock
+
+COMPONENT = "ipam"
+log = logging.getLogger(COMPONENT)
+
+
+@dataclass
+class Attachment:
+    """Who asks: the identifiers Calico derives its handle IDs from."""
+
+    network: str
+    container_id: str
+    ifname: str
+    namespace: str
+    pod: str
+    node: str
+
+    @classmethod
+    def of(cls, req: Request, conf: NetConf) -> Attachment:
+        return cls(
+            network=conf.name,
+            container_id=req.container_id,
+            ifname=req.ifname,
+            namespace=req.args.get("K8S_POD_NAMESPACE", ""),
+            pod=req.args.get("K8S_POD_NAME", ""),
+            node=conf.resolve_nodename(),
+        )
+
+    @property
+    def handle_id(self) -> str:
+        return f"{self.network}.{self.container_id}"
+
+    @property
+    def workload_id(self) -> str:
+        """The legacy handle Calico also releases on DEL."""
+        return f"{self.namespace}.{self.pod}" if self.namespace and self.pod else self.container_id
+
+    def attrs(self) -> dict[str, str]:
+        attrs = {"node": self.node, "timestamp": _go_timestamp()}
+        if self.pod:
+            attrs.update(namespace=self.namespace, pod=self.pod)
+        return attrs
+
+
+def _go_timestamp() -> str:
+    """UTC now in Go's default time format, as Calico stores it in allocation attributes."""
+    ns = time.time_ns()
+    fraction = f"{ns % 1_000_000_000:09d}".rstrip("0")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000))
+    return f"{stamp}{'.' + fraction if fraction else ''} +0000 UTC"
+
+
+def _load(req: Request) -> tuple[NetConf, IPAMConf]:
+    conf = NetConf.load(req.config)
+    logs.setup(
+        COMPONENT,
+        conf.log_level,
+        conf.log_file_path,
+        conf.log_file_max_size,
+        conf.log_file_max_count,
+    )
+    if conf.ipam is None:
+        raise CNIError(
+            ERR_INVALID_CONFIG, "invalid network config: ipam: missing IPAM configuration"
+        )
+    if conf.ipam.uses_pod_cidr():
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            "usePodCidr needs the node's spec.podCIDRs from the Kubernetes datastore, "
+            "which this build does not support yet",
+            "give ipam.subnet or ipam.ranges as CIDRs, or use Calico IP pools",
+        )
+    return conf, conf.ipam
+
+
+def _is_range_mode(ipam: IPAMConf) -> bool:
+    return bool(ipam.raw.get("subnet") or ipam.raw.get("ranges"))
+
+
+@contextmanager
+def _datastore_errors() -> Iterator[None]:
+    """Datastore failures as CNI errors: unreachable is transient (11), corrupt is not."""
+    try:
+        yield
+    except DatastoreCorrupt as err:
+        raise CNIError(
+            ERR_INTERNAL,
+            f"datastore is corrupt: {err}",
+            "move the file aside (a new one is created empty) or restore a backup",
+        ) from err
+    except DatastoreUnavailable as err:
+        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore unavailable: {err}") from err
+    except DatastoreError as err:
+        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore error: {err}") from err
+
+
+def cmd_add(req: Request) -> Result:
+    conf, ipam = _load(req)
+    who = Attachment.of(req, conf)
+    if _is_range_mode(ipam):
+        from ipam_plugin import range_mode
+
+        return range_mode.add(req, conf, who)
+    return _pool_add(req, conf, ipam, who)
+
+
+def _pool_add(req: Request, conf: NetConf, ipam: IPAMConf, who: Attachment) -> Result:
+    from ipam_plugin.engine import IPAM, IPAMError
+
+    settings = DatastoreSettings.resolve(conf.raw)
+    requested_ip = req.args.get("IP", "")
+    with _datastore_errors(), settings.open() as store, ipam_lock(conf.ipam_lock_file):
+        engine = IPAM(store)
+        if settings.type == "local":
+            engine.ensure_node(who.node)
+        try:
+            if requested_ip:
+                ips = _assign_specific(engine, requested_ip, who)
+            else:
+                ips = _auto_assign(engine, ipam, who)
+        except IPAMError as err:
+            raise CNIError(ERR_INTERNAL, str(err)) from err
+    log.info("Calico CNI IPAM assigned addresses", extra={"fields": {"IPs": [str(i) for i in ips]}})
+    return Result(
+        ips=[IPConfig(address=ip) for ip in ips],
+        routes=[Route(dst=ip.network) for ip in ips],
+    )
+
+
+def _assign_specific(engine, requested: str, who: Attachment) -> list:
+    """CNI_ARGS IP=<ip>[,<ip>]: exactly these addresses, or none of them."""
+    from ipam_plugin.engine import IPAMError
+
+    assigned = []
+    try:
+        for text in requested.split(","):
+            try:
+                ip = ipaddress.ip_address(text.strip())
+            except ValueError:
+                raise CNIError(ERR_INVALID_CONFIG, f"invalid IP format: {text}") from None
+            assigned.append(engine.assign_ip(str(ip), who.handle_id, who.attrs(), who.node))
+    except (IPAMError, CNIError):
+        if assigned:
+            engine.release_ips([str(i.ip) for i in assigned])
+        raise
+    return assigned
+
+
+def _requested_counts(ipam: IPAMConf) -> tuple[int, int]:
+    """IPv4 unless assign_ipv4 is exactly "false"; IPv6 only if assign_ipv6 is exactly "true"."""
+    num_v4 = 0 if ipam.raw.get("assign_ipv4") == "false" else 1
+    num_v6 = 1 if ipam.raw.get("assign_ipv6") == "true" else 0
+    return num_v4, num_v6
+
+
+def _auto_assign(engine, ipam: IPAMConf, who: Attachment) -> list:
+    from ipam_plugin.engine import AutoAssignRequest
+
+    num_v4, num_v6 = _requested_counts(ipam)
+    log.info("Calico CNI IPAM request count", extra={"fields": {"IPv4": num_v4, "IPv6": num_v6}})
+    v4, v6 = engine.auto_assign(
+        AutoAssignRequest(
+            handle_id=who.handle_id,
+            hostname=who.node,
+            attrs=who.attrs(),
+            num_v4=num_v4,
+            num_v6=num_v6,
+            ipv4_pools=list(ipam.raw.get("ipv4_pools") or []),
+            ipv6_pools=list(ipam.raw.get("ipv6_pools") or []),
+        )
+    )
+    short = [(family, r) for family, r in ((4, v4), (6, v6)) if len(r.ips) < r.requested]
+    if short:
+        # The dual-stack half failure: give back what the other family got.
+        taken = [str(i.ip) for r in (v4, v6) for i in r.ips]
+        if taken:
+            engine.release_ips(taken)
+        family, result = short[0]
+        raise CNIError(
+            ERR_INTERNAL,
+            f"failed to request IPv{family} addresses: {result.shortfall_message(family)}",
+        )
+    return v4.ips + v6.ips
+
+
+def cmd_del(req: Request) -> None:
+    conf, ipam = _load(req)
+    who = Attachment.of(req, conf)
+    if _is_range_mode(ipam):
+        from ipam_plugin import range_mode
+
+        range_mode.delete(conf, who)
+        return
+    settings = DatastoreSettings.resolve(conf.raw)
+    from ipam_plugin.engine import IPAM
+
+    with _datastore_errors(), settings.open() as store, ipam_lock(conf.ipam_lock_file):
+        engine = IPAM(store)
+        for handle in (who.handle_id, who.workload_id):
+            try:
+                released = engine.release_by_handle(handle)
+                log.info(
+                    "Released address using handleID",
+                    extra={"fields": {"HandleID": handle, "IPs": [str(ip) for ip in released]}},
+                )
+            except NotFound:
+                log.info(
+                    "Asked to release address but it doesn't exist. Ignoring",
+                    extra={"fields": {"HandleID": handle}},
+                )
+
+
+def cmd_check(req: Request) -> None:
+    """The handle (or host-local file) still holds every address prevResult names."""
+    conf, ipam = _load(req)
+    who = Attachment.of(req, conf)
+    prev = conf.prev()
+    if _is_range_mode(ipam):
+        from ipam_plugin import range_mode
+
+        held = range_mode.held(conf, who)
+    else:
+        from ipam_plugin.engine import IPAM
+
+        with _datastore_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
+            held = IPAM(store).ips_by_handle(who.handle_id)
+    if not held:
+        raise CNIError(ERR_INTERNAL, f"calico-ipam: no addresses are allocated to {who.handle_id}")
+    missing = [
+        str(ipc.address.ip) for ipc in (prev.ips if prev else []) if ipc.address.ip not in held
+    ]
+    if missing:
+        raise CNIError(
+            ERR_INTERNAL, f"calico-ipam: {', '.join(missing)} not allocated to {who.handle_id}"
+        )
+
+
+def cmd_status(req: Request) -> None:
+    """Ready when the datastore answers and a pool can serve this node."""
+    conf, ipam = _load(req)
+    if _is_range_mode(ipam):
+        from ipam_plugin import range_mode
+
+        range_mode.status(conf)
+        return
+    from ipam_plugin.engine import IPAM
+
+    node = conf.resolve_nodename()
+    try:
+        with _datastore_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
+            pools = [p for p in IPAM(store).pools() if p.is_enabled()]
+    except CNIError as err:
+        raise CNIError(ERR_NOT_AVAILABLE, err.msg, err.details) from err
+    counts = _requested_counts(ipam)
+    for family in (f for f, n in zip((4, 6), counts, strict=True) if n):
+        if not any(p.network.version == family for p in pools):
+            raise CNIError(
+                ERR_NOT_AVAILABLE,
+                f"no enabled IPv{family} pool for node {node}",
+                "create one with `calico ctl apply -f <ippool.yaml>`",
+            )
+
+
+def _valid_attachments(conf: NetConf) -> set[tuple[str, str]]:
+    """`cni.dev/valid-attachments` (or the spec-1.1.0 tag's `cni.dev/attachments`).
+
+    No list at all (cnitool sends none after DELing every cached attachment) means none
+    is valid.
+    """
+    raw = conf.raw.get("cni.dev/valid-attachments", conf.raw.get("cni.dev/attachments")) or []
+    return {(str(a.get("containerID", "")), str(a.get("ifname", ""))) for a in raw}
+
+
+def cmd_gc(req: Request) -> None:
+    """Release every allocation of this network on this node whose attachment is gone."""
+    conf, ipam = _load(req)
+    valid = _valid_attachments(conf)
+    if _is_range_mode(ipam):
+        from ipam_plugin import range_mode
+
+        range_mode.gc(conf, valid)
+        return
+    from ipam_plugin.engine import IPAM
+
+    node = conf.resolve_nodename()
+    prefix = f"{conf.name}."
+    valid_ids = {container_id for container_id, _ in valid}
+    with (
+        _datastore_errors(),
+        DatastoreSettings.resolve(conf.raw).open() as store,
+        ipam_lock(conf.ipam_lock_file),
+    ):
+        engine = IPAM(store)
+        for handle in engine.list_handles():
+            if not handle.startswith(prefix) or handle[len(prefix) :] in valid_ids:
+                continue
+            if engine.attrs_for_handle(handle).get("node") != node:
+                continue
+            released = engine.release_by_handle(handle)
+            log.info(
+                "GC released a stale handle",
+                extra={"fields": {"HandleID": handle, "IPs": [str(ip) for ip in released]}},
+            )
+
+
+HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
+
+
+def main() -> int:
+    logs.setup(COMPONENT)
+    return skel.run(HANDLERS)
