@@ -13,7 +13,7 @@ import fcntl
 import ipaddress
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ LAST_RESERVED_PREFIX = "last_reserved_ip."
 LINE_BREAK = "\r\n"
 FILE_MODE = 0o600
 DIR_MODE = 0o755
+_READ_SIZE = 4096
 
 
 class RangeError(Exception):
@@ -360,26 +361,46 @@ class RangeStore:
         except (OSError, UnicodeDecodeError, RangeConfigError):
             return None
 
-    def records(self) -> list[tuple[IPAddress, str]]:
-        """(IP, trimmed content) of every allocation file, in name order as Go walks them."""
+    def contents(self) -> dict[str, str]:
+        """File name -> trimmed content of every allocation file, in name order as Go walks
+        them. Every ADD and DEL scans them all (as host-local does), so this stays on bare
+        descriptors: at 10,000 allocations pathlib and eager IP parsing cost several times
+        the reads themselves."""
         try:
-            names = sorted(os.listdir(self.directory))
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as err:
-            raise RangeStoreError(f"cannot list {self.directory}: {err.strerror}") from None
-        found = []
-        for name in names:
-            ip = _ip_file_name(name)
-            if ip is None:
-                continue
-            path = self.directory / name
-            try:
-                content = path.read_bytes().decode("utf-8", "surrogateescape")
-            except (FileNotFoundError, IsADirectoryError):
-                continue
-            except OSError as err:
-                raise RangeStoreError(f"cannot read {path}: {err.strerror}") from None
-            found.append((ip, content.strip()))
-        return found
+            raise RangeStoreError(f"cannot open {self.directory}: {err.strerror}") from None
+        try:
+            with os.scandir(dir_fd) as entries:
+                names = sorted(
+                    entry.name for entry in entries
+                    if entry.is_file(follow_symlinks=False) and _may_hold_allocation(entry.name)
+                )
+            found = {}
+            for name in names:
+                content = self._read(dir_fd, name)
+                if content is not None:
+                    found[name] = content.strip()
+            return found
+        finally:
+            os.close(dir_fd)
+
+    def _read(self, dir_fd: int, name: str) -> str | None:
+        """A file's text, or None when it vanished; other failures name the path."""
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise RangeStoreError(f"cannot read {self.directory / name}: {err.strerror}") from None
+        try:
+            data = chunk = os.read(fd, _READ_SIZE)
+            while len(chunk) == _READ_SIZE:  # one read for every file host-local writes
+                chunk = os.read(fd, _READ_SIZE)
+                data += chunk
+        finally:
+            os.close(fd)
+        return data.decode("utf-8", "surrogateescape")
 
     def remove(self, ip: IPAddress) -> None:
         path = self.directory / str(ip)
@@ -389,13 +410,34 @@ class RangeStore:
             raise RangeStoreError(f"cannot remove {path}: {err.strerror}") from None
 
 
+def _may_hold_allocation(name: str) -> bool:
+    """Skip host-local's bookkeeping files without reading them."""
+    return name != LOCK_FILE_NAME and not name.startswith(LAST_RESERVED_PREFIX)
+
+
 def _ip_file_name(name: str) -> IPAddress | None:
-    """The IP an allocation file is named after, or None for `lock`, `last_reserved_ip.N`."""
+    """The IP an allocation file is named after, or None for a stray file."""
     try:
         ip = ipaddress.ip_address(name)
     except ValueError:
         return None
     return ip if str(ip) == name else None
+
+
+def _ips_holding(contents: dict[str, str], *wanted: str) -> list[IPAddress]:
+    """IPs of the files whose content is one of `wanted`; only their names are parsed."""
+    return [
+        ip for name, content in contents.items()
+        if content in wanted and (ip := _ip_file_name(name)) is not None
+    ]
+
+
+def _allocations(contents: dict[str, str]) -> dict[IPAddress, str]:
+    """Every allocation file's IP and content."""
+    return {
+        ip: content for name, content in contents.items()
+        if (ip := _ip_file_name(name)) is not None
+    }
 
 
 # --------------------------------------------------------------------------- allocation
@@ -441,10 +483,6 @@ def _allocation(r: Range, ip: IPAddress, range_set_index: int) -> Allocation:
     )
 
 
-def _ips_of(records: Iterable[tuple[IPAddress, str]], content: str) -> list[IPAddress]:
-    return [ip for ip, found in records if found == content]
-
-
 def _allocate_requested(
     store: RangeStore, range_set: RangeSet, index: int, owner_key: str, ip: IPAddress
 ) -> Allocation:
@@ -462,7 +500,7 @@ def _allocate_next(
     store: RangeStore, range_set: RangeSet, index: int, container_id: str, ifname: str
 ) -> Allocation:
     owner_key = _owner_key(container_id, ifname)
-    held = (ip for ip, content in store.records() if content in (owner_key, container_id.strip()))
+    held = _ips_holding(store.contents(), owner_key, container_id.strip())
     duplicate = next((ip for ip in held if range_set.contains(ip)), None)
     if duplicate is not None:
         raise DuplicateAllocation(
@@ -526,22 +564,22 @@ def _release_own(store: RangeStore, ips: list[IPAddress], owner_key: str) -> Non
     if not ips:
         return
     with store.locked():
-        for ip, content in store.records():
-            if ip in ips and content == owner_key:
+        for ip in _ips_holding(store.contents(), owner_key):
+            if ip in ips:
                 store.remove(ip)
 
 
-def _owned(records: list[tuple[IPAddress, str]], container_id: str, ifname: str) -> list[IPAddress]:
+def _owned(contents: dict[str, str], container_id: str, ifname: str) -> list[IPAddress]:
     """host-local's match: (id, ifname) files, or failing those, legacy ID-only files."""
-    return _ips_of(records, _owner_key(container_id, ifname)) or _ips_of(
-        records, container_id.strip()
+    return _ips_holding(contents, _owner_key(container_id, ifname)) or _ips_holding(
+        contents, container_id.strip()
     )
 
 
 def release(store: RangeStore, container_id: str, ifname: str) -> int:
     """Remove every file of this attachment (DEL); returns how many. Unknown IDs are fine."""
     with store.locked():
-        owned = _owned(store.records(), container_id, ifname)
+        owned = _owned(store.contents(), container_id, ifname)
         for ip in owned:
             store.remove(ip)
     return len(owned)
@@ -550,13 +588,14 @@ def release(store: RangeStore, container_id: str, ifname: str) -> int:
 def find(store: RangeStore, container_id: str, ifname: str) -> list[IPAddress]:
     """The IPs this attachment holds, for CHECK."""
     with store.locked():
-        return _owned(store.records(), container_id, ifname)
+        return _owned(store.contents(), container_id, ifname)
 
 
 def list_attachments(store: RangeStore) -> dict[IPAddress, tuple[str, str | None]]:
     """Every allocated IP and its (container ID, ifname); ifname is None for legacy files."""
     with store.locked():
-        return {ip: _parse_owner(content) for ip, content in store.records()}
+        allocations = _allocations(store.contents())
+        return {ip: _parse_owner(content) for ip, content in allocations.items()}
 
 
 def gc(store: RangeStore, valid: set[tuple[str, str]]) -> list[IPAddress]:
@@ -568,7 +607,7 @@ def gc(store: RangeStore, valid: set[tuple[str, str]]) -> list[IPAddress]:
     keep |= {container_id.strip() for container_id, _ in valid}
     removed = []
     with store.locked():
-        for ip, content in store.records():
+        for ip, content in _allocations(store.contents()).items():
             if content not in keep:
                 store.remove(ip)
                 removed.append(ip)

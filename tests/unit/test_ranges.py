@@ -7,9 +7,12 @@ import ipaddress
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipam_plugin.ranges import (
     DuplicateAllocation,
@@ -59,9 +62,7 @@ def ip_files(store: RangeStore) -> list[str]:
 
 
 def test_dual_stack_add_gives_dot2_in_first_range_with_gateways(store):
-    range_sets = sets(
-        [subnet("10.1.2.0/24"), subnet("10.2.2.0/24")], [subnet("2001:db8:1::/64")]
-    )
+    range_sets = sets([subnet("10.1.2.0/24"), subnet("10.2.2.0/24")], [subnet("2001:db8:1::/64")])
     got = allocate(store, range_sets, "dummy", "eth0", [])
     assert addresses(got) == ["10.1.2.2/24", "2001:db8:1::2/64"]
     assert [str(a.gateway) for a in got] == ["10.1.2.1", "2001:db8:1::1"]
@@ -88,7 +89,9 @@ def test_release_removes_the_ip_files_and_keeps_round_robin_state(store):
     assert release(store, "dummy", "eth0") == 2
     assert ip_files(store) == []
     assert sorted(os.listdir(store.directory)) == [
-        "last_reserved_ip.0", "last_reserved_ip.1", "lock",
+        "last_reserved_ip.0",
+        "last_reserved_ip.1",
+        "lock",
     ]
 
 
@@ -167,6 +170,15 @@ def test_round_robin_wraps_back_to_a_released_ip_once_the_end_is_reached(store):
     assert addresses(allocate(store, range_sets, "f", "eth0", [])) == ["192.168.1.3/29"]
 
 
+def test_the_last_reserved_ip_itself_is_the_final_candidate(store):
+    range_sets = sets([subnet("192.168.1.0/29")])
+    for name in "abcde":
+        allocate(store, range_sets, name, "eth0", [])
+    release(store, "b", "eth0")
+    assert addresses(allocate(store, range_sets, "f", "eth0", [])) == ["192.168.1.3/29"]
+    release(store, "f", "eth0")
+    assert addresses(allocate(store, range_sets, "g", "eth0", [])) == ["192.168.1.3/29"]
+
 def test_last_reserved_ip_outside_the_set_restarts_at_range_start(store):
     (store.directory / "last_reserved_ip.0").write_text("10.9.9.9")
     assert addresses(allocate(store, sets([subnet("10.1.2.0/24")]), "a", "eth0", [])) == [
@@ -219,8 +231,7 @@ def test_requested_ip_already_taken_is_rejected(store):
     with pytest.raises(RequestedIPUnavailable) as err:
         allocate(store, range_sets, "b", "eth0", ["192.168.1.5"])
     assert str(err.value) == (
-        "requested IP address 192.168.1.5 is not available in range set "
-        "192.168.1.1-192.168.1.6"
+        "requested IP address 192.168.1.5 is not available in range set 192.168.1.1-192.168.1.6"
     )
     assert ip_files(store) == ["192.168.1.5"]
 
@@ -234,9 +245,7 @@ def test_requested_gateway_is_rejected(store):
 
 @pytest.mark.parametrize("requested", ["10.1.3.5", "10.1.2.50"])
 def test_requested_ip_outside_every_range_is_rejected_and_nothing_is_taken(store, requested):
-    range_sets = sets(
-        [subnet("10.1.2.0/24", rangeStart="10.1.2.100")], [subnet("2001:db8:1::/64")]
-    )
+    range_sets = sets([subnet("10.1.2.0/24", rangeStart="10.1.2.100")], [subnet("2001:db8:1::/64")])
     with pytest.raises(RequestedIPUnavailable) as err:
         allocate(store, range_sets, "a", "eth0", [requested])
     assert str(err.value) == f"failed to allocate all requested IPs: {requested}"
@@ -361,8 +370,10 @@ def test_malformed_subnet_is_rejected(cidr):
     [
         ({"rangeStart": "10.1.3.1"}, "RangeStart 10.1.3.1 not in network 10.1.2.0/24"),
         ({"rangeEnd": "10.1.3.1"}, "RangeEnd 10.1.3.1 not in network 10.1.2.0/24"),
-        ({"rangeStart": "10.1.2.50", "rangeEnd": "10.1.2.40"},
-         "RangeEnd 10.1.2.40 not in network 10.1.2.0/24"),
+        (
+            {"rangeStart": "10.1.2.50", "rangeEnd": "10.1.2.40"},
+            "RangeEnd 10.1.2.40 not in network 10.1.2.0/24",
+        ),
         ({"rangeStart": "2001:db8::1"}, "RangeStart 2001:db8::1 not in network 10.1.2.0/24"),
         ({"gateway": "bogus"}, "invalid IP address: bogus"),
     ],
@@ -442,3 +453,56 @@ def test_old_cni_versions_allow_one_address_per_family(version):
 
 def test_from_cni_0_3_0_several_sets_per_family_are_allowed():
     assert len(sets([subnet("10.1.2.0/24")], [subnet("10.2.2.0/24")], version="0.3.0")) == 2
+
+
+def test_oversized_legacy_file_is_still_read_whole_and_matched(store):
+    (store.directory / "10.1.2.9").write_text("dummy" + " " * 10000)
+    assert find(store, "dummy", "eth0") == [ip("10.1.2.9")]
+
+
+# ------------------------------------------------------------------- round robin model
+
+MODEL_SETS = [
+    subnet("192.168.1.0/29", gateway="192.168.1.3"),
+    subnet("192.168.2.0/30"),
+    subnet("192.168.3.0/29", rangeStart="192.168.3.4"),
+]
+# Every allocatable address in host-local's iteration order: range order, gateways left out.
+MODEL_ORDER = [
+    *(f"192.168.1.{n}" for n in (1, 2, 4, 5, 6)),
+    "192.168.2.2",
+    *(f"192.168.3.{n}" for n in (4, 5, 6)),
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 11)), max_size=40))
+def test_round_robin_matches_a_model_of_the_cyclic_order(operations):
+    """Each ADD takes the first free address after the last one handed out, cycling through
+    the ranges in order; each DEL frees exactly the container's address."""
+    range_sets = sets(MODEL_SETS)
+    held: dict[str, str] = {}
+    last: str | None = None
+    with tempfile.TemporaryDirectory() as data_dir:
+        store = RangeStore(data_dir, "model")
+        for is_add, n in operations:
+            container = f"c{n}"
+            if not is_add:
+                assert release(store, container, "eth0") == (1 if container in held else 0)
+                held.pop(container, None)
+                continue
+            if container in held:
+                with pytest.raises(DuplicateAllocation):
+                    allocate(store, range_sets, container, "eth0", [])
+                continue
+            start = MODEL_ORDER.index(last) + 1 if last else 0
+            cycle = MODEL_ORDER[start:] + MODEL_ORDER[:start]
+            expected = next((a for a in cycle if a not in held.values()), None)
+            if expected is None:
+                with pytest.raises(RangeExhausted):
+                    allocate(store, range_sets, container, "eth0", [])
+                continue
+            (got,) = allocate(store, range_sets, container, "eth0", [])
+            assert str(got.address.ip) == expected
+            held[container] = last = expected
+        assert sorted(ip_files(store)) == sorted(held.values())
