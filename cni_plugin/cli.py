@@ -1,33 +1,92 @@
-"""`calico` without CNI_COMMAND: the operator's admin commands."""
+"""`calico` without CNI_COMMAND: the operator's admin commands.
+
+Every failure ends here as one line on stderr and a non-zero exit, never a traceback:
+the operator's mistakes (CommandError, usage), and a datastore that cannot be used.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
 
-from cni_plugin.types import SUPPORTED_VERSIONS
+from cni_plugin.types import SUPPORTED_VERSIONS, CNIError
 
 VERSION = "0.1.0"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """The command line itself is wrong."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error becomes one line instead of usage text and exit()."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from cni_plugin import ctl_commands, ctl_ipam
+
+    parser = _Parser(
         prog="calico",
         description="Calico-compatible CNI plugin. Run by the container runtime with "
         "CNI_COMMAND set; without it, these admin commands are available.",
     )
     parser.add_argument("-v", "--version", action="store_true", help="print the version")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("version", help="print the version and the CNI versions supported")
+
+    datastore = _Parser(add_help=False)
+    datastore.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="datastore settings (netconf keys or a CalicoAPIConfig); default: environment",
+    )
+    ctl_commands.register(
+        sub.add_parser("ctl", help="manage IP pools, reservations, IPAM configuration"),
+        datastore,
+    )
+    ctl_ipam.register(sub.add_parser("ipam", help="inspect and repair IP address use"), datastore)
     return parser
 
 
-def main(argv: list[str]) -> int:
-    parser = build_parser()
-    opts = parser.parse_args(argv)
-    if opts.version or opts.command == "version":
-        print(
-            f"calico {VERSION} (CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)})"
-        )
-        return 0
-    parser.print_help()
+def _print_version() -> int:
+    print(f"calico {VERSION} (CNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)})")
     return 0
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def main(argv: list[str]) -> int:
+    from cni_plugin.ctl_errors import CommandError
+    from ipam_plugin.datastore.base import DatastoreError
+
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+        if opts.version or opts.command == "version":
+            return _print_version()
+        if opts.command is None:
+            parser.print_help()
+            return 0
+        return opts.handler(opts)
+    except UsageError as err:
+        return _fail(str(err), EXIT_USAGE)
+    except CommandError as err:
+        return _fail(str(err))
+    except (DatastoreError, CNIError) as err:
+        return _fail(f"datastore error: {err}")
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as err:  # the last line of defence: one line, never a traceback
+        return _fail(f"internal error: {type(err).__name__}: {err}")

@@ -1,0 +1,563 @@
+"""The admin CLI (`calico ctl ...`, `calico ipam ...`) in-process, on a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cni_plugin.cli import main
+from ipam_plugin.datastore.local import LocalDatastore
+from ipam_plugin.engine import IPAM, AutoAssignRequest
+from ipam_plugin.model import HandleKey
+
+SEED_POOL = """\
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata:
+  name: default-ipv4-ippool
+spec:
+  cidr: 10.244.0.0/16
+  blockSize: 26
+  ipipMode: CrossSubnet
+  natOutgoing: true
+  nodeSelector: all()
+  vxlanMode: Never
+"""
+SEED_SPEC = {
+    "cidr": "10.244.0.0/16",
+    "blockSize": 26,
+    "ipipMode": "CrossSubnet",
+    "natOutgoing": True,
+    "nodeSelector": "all()",
+    "vxlanMode": "Never",
+}
+NODE = "node1"
+
+
+@dataclass
+class Run:
+    """One CLI invocation's exit code and output."""
+
+    code: int
+    out: str
+    err: str
+
+
+Cli = Callable[..., Run]
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    path = str(tmp_path / "calico.db")
+    monkeypatch.setenv("LOCAL_DATASTORE_PATH", path)
+    for name in ("DATASTORE_TYPE", "ETCD_ENDPOINTS"):
+        monkeypatch.delenv(name, raising=False)
+    return path
+
+
+@pytest.fixture
+def cli(db: str, capsys: pytest.CaptureFixture[str]) -> Cli:
+    def run(*argv: str) -> Run:
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return Run(code, captured.out, captured.err)
+
+    return run
+
+
+def write(tmp_path: Path, text: str, name: str = "res.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def pool_yaml(name: str = "default-ipv4-ippool", **spec: object) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "IPPool",
+            "metadata": {"name": name},
+            "spec": {**SEED_SPEC, **spec},
+        }
+    )
+
+
+def pool_names(cli) -> list[str]:
+    result = cli("ctl", "get", "ippools", "-o", "json")
+    assert result.code == 0, result
+    return [item["metadata"]["name"] for item in json.loads(result.out)["items"]]
+
+
+@pytest.fixture
+def seeded(cli: Cli, tmp_path: Path) -> Cli:
+    result = cli("ctl", "apply", "-f", write(tmp_path, SEED_POOL, "seed.yaml"))
+    assert result.code == 0, result
+    return cli
+
+
+@pytest.fixture
+def store(db: str) -> Iterator[LocalDatastore]:
+    with LocalDatastore(db) as datastore:
+        yield datastore
+
+
+def allocate(store: LocalDatastore, count: int, handle: str = "k8s-pod-network.c1") -> list[str]:
+    engine = IPAM(store)
+    engine.ensure_node(NODE)
+    attrs = {"node": NODE, "pod": "web-0", "namespace": "default"}
+    v4, _ = engine.auto_assign(AutoAssignRequest(handle, NODE, attrs, num_v4=count))
+    assert len(v4.ips) == count
+    return [str(ip.ip) for ip in v4.ips]
+
+
+# ------------------------------------------------------------------- ctl apply / get
+
+
+def test_seed_pool_applies_unchanged_and_reads_back(cli: Cli, tmp_path: Path) -> None:
+    result = cli("ctl", "apply", "-f", write(tmp_path, SEED_POOL))
+    assert (result.code, result.out) == (0, "Successfully applied 1 'IPPool' resource(s)\n")
+
+    got = cli("ctl", "get", "ippool", "default-ipv4-ippool", "-o", "yaml")
+    doc = yaml.safe_load(got.out)
+    assert doc["apiVersion"] == "projectcalico.org/v3"
+    assert doc["kind"] == "IPPool"
+    assert doc["metadata"]["name"] == "default-ipv4-ippool"
+    assert {k: doc["spec"][k] for k in SEED_SPEC} == SEED_SPEC
+    # Calico's defaults are filled in, as calicoctl shows them.
+    assert doc["spec"]["allowedUses"] == ["Workload", "Tunnel"]
+
+
+def test_output_of_get_applies_back_unchanged(seeded: Cli, tmp_path: Path) -> None:
+    exported = seeded("ctl", "get", "ippools", "-o", "yaml").out
+    assert yaml.safe_load(exported)["kind"] == "IPPoolList"
+    assert seeded("ctl", "apply", "-f", write(tmp_path, exported, "export.yaml")).code == 0
+    (before,) = yaml.safe_load(exported)["items"]
+    (after,) = yaml.safe_load(seeded("ctl", "get", "ippools", "-o", "yaml").out)["items"]
+    assert after["spec"] == before["spec"]
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+
+
+def test_get_tables_match_calicoctl(seeded: Cli) -> None:
+    assert seeded("ctl", "get", "ippools").out == (
+        "NAME                  CIDR            SELECTOR\n"
+        "default-ipv4-ippool   10.244.0.0/16   all()\n"
+    )
+    assert seeded("ctl", "get", "ipp", "-o", "wide").out == (
+        "NAME                  CIDR            NAT    IPIPMODE      VXLANMODE   DISABLED   "
+        "DISABLEBGPEXPORT   SELECTOR\n"
+        "default-ipv4-ippool   10.244.0.0/16   true   CrossSubnet   Never       false      "
+        "false              all()\n"
+    )
+
+
+def test_get_missing_resource_fails(seeded: Cli) -> None:
+    result = seeded("ctl", "get", "ippool", "nope")
+    assert result.code == 1
+    assert result.err.strip() == "resource does not exist: IPPool(nope)"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"cidr": "10.244.0.0/33"}, "spec.cidr"),
+        ({"cidr": "10.244.0.1/16"}, "spec.cidr"),
+        ({"blockSize": 33}, "spec.blockSize"),
+        ({"blockSize": 8}, "spec.blockSize"),
+        ({"blockSize": "big"}, "spec.blockSize"),
+        ({"ipipMode": "Sometimes"}, "spec.ipipMode"),
+        ({"vxlanMode": "Always"}, "spec.ipipMode"),  # with ipipMode CrossSubnet
+        ({"natOutgoing": "yes please"}, "spec.natOutgoing"),
+        ({"nodeSelector": "has("}, "spec.nodeSelector"),
+        ({"allowedUses": ["Everything"]}, "spec.allowedUses"),
+        ({"assignmentMode": "Sometimes"}, "spec.assignmentMode"),
+        ({"natOutGoing": True}, "spec.natOutGoing"),
+    ],
+)
+def test_invalid_pool_field_is_refused_by_name(
+    cli: Cli,
+    tmp_path: Path,
+    change: dict[str, object],
+    field: str,
+) -> None:
+    result = cli("ctl", "apply", "-f", write(tmp_path, pool_yaml(**change)))
+    assert result.code == 1
+    assert field in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert pool_names(cli) == []
+
+
+def test_invalid_name_is_refused(cli: Cli, tmp_path: Path) -> None:
+    result = cli("ctl", "apply", "-f", write(tmp_path, pool_yaml(name="Bad/Name")))
+    assert result.code == 1
+    assert "metadata.name" in result.err
+    assert pool_names(cli) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (SEED_POOL.replace("projectcalico.org/v3", "crd.projectcalico.org/v1"), "apiVersion"),
+        (SEED_POOL.replace("kind: IPPool", "kind: NetworkPolicy"), "kind 'NetworkPolicy'"),
+        (SEED_POOL.replace("  cidr: 10.244.0.0/16", "  cidr: [10.244"), "cannot parse"),
+        ("", "no resources found"),
+        ("- just\n- a list\n", "not a mapping"),
+    ],
+)
+def test_bad_documents_are_refused_and_nothing_is_written(
+    cli: Cli,
+    tmp_path: Path,
+    text: str,
+    message: str,
+) -> None:
+    result = cli("ctl", "apply", "-f", write(tmp_path, text))
+    assert result.code == 1
+    assert message in result.err
+    assert pool_names(cli) == []
+
+
+def test_one_bad_document_keeps_all_others_out(cli: Cli, tmp_path: Path) -> None:
+    text = pool_yaml("good", cidr="10.1.0.0/16") + "---\n" + pool_yaml("bad", blockSize=99)
+    result = cli("ctl", "apply", "-f", write(tmp_path, text))
+    assert result.code == 1
+    assert "document 2" in result.err and "spec.blockSize" in result.err
+    assert pool_names(cli) == []
+
+
+def test_multiple_documents_and_lists_apply(cli: Cli, tmp_path: Path) -> None:
+    listing = {
+        "apiVersion": "projectcalico.org/v3",
+        "kind": "List",
+        "items": [yaml.safe_load(pool_yaml("c", cidr="10.3.0.0/16"))],
+    }
+    text = (
+        pool_yaml("a", cidr="10.1.0.0/16")
+        + "---\n"
+        + pool_yaml("b", cidr="10.2.0.0/16")
+        + "---\n"
+        + yaml.safe_dump(listing)
+    )
+    result = cli("ctl", "apply", "-f", write(tmp_path, text))
+    assert result.out == "Successfully applied 3 'IPPool' resource(s)\n"
+    assert pool_names(cli) == ["a", "b", "c"]
+
+
+def test_json_input_from_stdin(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    doc = yaml.safe_load(SEED_POOL)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(doc)))
+    assert cli("ctl", "apply", "-f", "-").code == 0
+    assert pool_names(cli) == ["default-ipv4-ippool"]
+
+
+def test_overlapping_pool_is_refused(seeded: Cli, tmp_path: Path) -> None:
+    result = seeded("ctl", "apply", "-f", write(tmp_path, pool_yaml("inner", cidr="10.244.8.0/24")))
+    assert result.code == 1
+    assert "IPPool(inner) CIDR overlaps with IPPool(default-ipv4-ippool)" in result.err
+    assert pool_names(seeded) == ["default-ipv4-ippool"]
+
+
+def test_overlap_within_one_file_is_refused(cli: Cli, tmp_path: Path) -> None:
+    text = pool_yaml("a", cidr="10.1.0.0/16") + "---\n" + pool_yaml("b", cidr="10.1.2.0/24")
+    result = cli("ctl", "apply", "-f", write(tmp_path, text))
+    assert result.code == 1
+    assert "overlaps" in result.err
+    assert pool_names(cli) == []
+
+
+def test_block_size_is_immutable(seeded: Cli, tmp_path: Path) -> None:
+    result = seeded("ctl", "apply", "-f", write(tmp_path, pool_yaml(blockSize=24)))
+    assert result.code == 1
+    assert "spec.blockSize" in result.err and "cannot be modified" in result.err
+    doc = yaml.safe_load(seeded("ctl", "get", "ippool", "default-ipv4-ippool", "-o", "yaml").out)
+    assert doc["spec"]["blockSize"] == 26
+
+
+def test_cidr_is_immutable(seeded: Cli, tmp_path: Path) -> None:
+    result = seeded("ctl", "apply", "-f", write(tmp_path, pool_yaml(cidr="10.245.0.0/16")))
+    assert result.code == 1
+    assert "spec.cidr" in result.err
+
+
+def test_mutable_fields_update_and_keep_identity(seeded: Cli, tmp_path: Path) -> None:
+    before = yaml.safe_load(seeded("ctl", "get", "ippool", "default-ipv4-ippool", "-o", "yaml").out)
+    result = seeded("ctl", "apply", "-f", write(tmp_path, pool_yaml(natOutgoing=False)))
+    assert result.code == 0, result
+    after = yaml.safe_load(seeded("ctl", "get", "ippool", "default-ipv4-ippool", "-o", "yaml").out)
+    assert "natOutgoing" not in after["spec"]  # false is omitted, as Go's omitempty does
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert after["metadata"]["resourceVersion"] != before["metadata"]["resourceVersion"]
+
+
+def test_stale_resource_version_is_refused(seeded: Cli, tmp_path: Path) -> None:
+    exported = seeded("ctl", "get", "ippool", "default-ipv4-ippool", "-o", "yaml").out
+    assert seeded("ctl", "apply", "-f", write(tmp_path, pool_yaml(natOutgoing=False))).code == 0
+    result = seeded("ctl", "apply", "-f", write(tmp_path, exported, "stale.yaml"))
+    assert result.code == 1
+    assert "has been modified" in result.err
+
+
+def test_create_and_replace(seeded: Cli, tmp_path: Path) -> None:
+    existing = write(tmp_path, SEED_POOL)
+    assert seeded("ctl", "create", "-f", existing).err.strip() == (
+        "resource already exists: IPPool(default-ipv4-ippool)"
+    )
+    new = write(tmp_path, pool_yaml("new", cidr="10.9.0.0/16"), "new.yaml")
+    assert seeded("ctl", "replace", "-f", new).code == 1
+    assert seeded("ctl", "create", "-f", new).out == "Successfully created 1 'IPPool' resource(s)\n"
+    assert seeded("ctl", "replace", "-f", new).out == (
+        "Successfully replaced 1 'IPPool' resource(s)\n"
+    )
+
+
+# ------------------------------------------------------------ reservations, config
+
+
+def test_ip_reservation_round_trip(cli: Cli, tmp_path: Path) -> None:
+    text = (
+        "apiVersion: projectcalico.org/v3\nkind: IPReservation\nmetadata:\n  name: infra\n"
+        "spec:\n  reservedCIDRs: [10.244.0.0/28, 10.244.1.1]\n"
+    )
+    assert cli("ctl", "apply", "-f", write(tmp_path, text)).code == 0
+    assert cli("ctl", "get", "ipreservations").out == (
+        "NAME    CIDRS\ninfra   10.244.0.0/28,10.244.1.1\n"
+    )
+    bad = text.replace("10.244.1.1", "not-an-ip").replace("infra", "bad")
+    result = cli("ctl", "apply", "-f", write(tmp_path, bad, "bad.yaml"))
+    assert result.code == 1
+    assert "spec.reservedCIDRs[1]" in result.err
+    assert cli("ctl", "get", "ipreservation", "bad").code == 1
+
+
+def ipam_config_yaml(kind: str = "IPAMConfiguration", **spec: object) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "projectcalico.org/v3",
+            "kind": kind,
+            "metadata": {"name": "default"},
+            "spec": spec,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"strictAffinity": False, "autoAllocateBlocks": False}, "spec.autoAllocateBlocks"),
+        ({"strictAffinity": False, "maxBlocksPerHost": 4}, "spec.maxBlocksPerHost"),
+        ({"strictAffinity": True, "maxBlocksPerHost": -1}, "spec.maxBlocksPerHost"),
+        ({"strictAffinity": "yes"}, "spec.strictAffinity"),
+    ],
+)
+def test_ipam_config_rules(
+    cli: Cli,
+    tmp_path: Path,
+    spec: dict[str, object],
+    field: str,
+) -> None:
+    result = cli("ctl", "apply", "-f", write(tmp_path, ipam_config_yaml(**spec)))
+    assert result.code == 1
+    assert field in result.err
+    assert cli("ctl", "get", "ipamconfigs").out == "NAME   STRICTAFFINITY   MAXBLOCKSPERHOST\n"
+
+
+def test_ipam_config_applies_under_either_kind_name(cli: Cli, tmp_path: Path) -> None:
+    text = ipam_config_yaml("IPAMConfig", strictAffinity=True, maxBlocksPerHost=4)
+    assert cli("ctl", "apply", "-f", write(tmp_path, text)).out == (
+        "Successfully applied 1 'IPAMConfiguration' resource(s)\n"
+    )
+    assert cli("ipam", "show", "--show-configuration").out == (
+        "+--------------------+-------+\n"
+        "|      PROPERTY      | VALUE |\n"
+        "+--------------------+-------+\n"
+        "| StrictAffinity     | true  |\n"
+        "| AutoAllocateBlocks | true  |\n"
+        "| MaxBlocksPerHost   |     4 |\n"
+        "+--------------------+-------+\n"
+    )
+    wrong_name = text.replace("name: default", "name: other")
+    result = cli("ctl", "apply", "-f", write(tmp_path, wrong_name, "other.yaml"))
+    assert result.code == 1 and "metadata.name" in result.err
+
+
+def test_ipam_configure(cli: Cli) -> None:
+    assert "| StrictAffinity     | false |" in cli("ipam", "show", "--show-configuration").out
+    result = cli("ipam", "configure", "--strictaffinity=true")
+    assert result.out == "Successfully set StrictAffinity to: true\n"
+    assert "| StrictAffinity     | true  |" in cli("ipam", "show", "--show-configuration").out
+    assert cli("ipam", "configure", "--max-blocks-per-host=2").code == 0
+    refused = cli("ipam", "configure", "--strictaffinity=false")
+    assert refused.code == 1 and "maxBlocksPerHost" in refused.err
+    assert "| StrictAffinity     | true  |" in cli("ipam", "show", "--show-configuration").out
+
+
+# ---------------------------------------------------------------------- ipam show
+
+
+def test_ipam_show_counts_allocations(seeded: Cli, store: LocalDatastore) -> None:
+    allocate(store, 3)
+    assert seeded("ipam", "show").out == (
+        "+----------+---------------+-----------+------------+--------------+\n"
+        "| GROUPING |     CIDR      | IPS TOTAL | IPS IN USE |   IPS FREE   |\n"
+        "+----------+---------------+-----------+------------+--------------+\n"
+        "| IP Pool  | 10.244.0.0/16 |     65536 | 3 (0%)     | 65533 (100%) |\n"
+        "+----------+---------------+-----------+------------+--------------+\n"
+    )
+
+
+def test_ipam_show_blocks_and_percentages(cli: Cli, tmp_path: Path, store: LocalDatastore) -> None:
+    pool = pool_yaml("small", cidr="10.8.0.0/24", blockSize=26)
+    assert cli("ctl", "apply", "-f", write(tmp_path, pool)).code == 0
+    ips = allocate(store, 80)  # one full block of 64 and 16 in a second
+    assert len(ips) == 80
+    out = cli("ipam", "show", "--show-blocks").out.splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out if line[0] == "|"]
+    assert rows[1] == ["IP Pool", "10.8.0.0/24", "256", "80 (31%)", "176 (69%)"]
+    blocks = sorted(rows[2:], key=lambda r: r[3])
+    assert [r[0] for r in blocks] == ["Block", "Block"]
+    assert [(r[2], r[3], r[4]) for r in blocks] == [
+        ("64", "16 (25%)", "48 (75%)"),
+        ("64", "64 (100%)", "0 (0%)"),
+    ]
+
+
+def test_ipam_show_ip(seeded: Cli, store: LocalDatastore) -> None:
+    (ip,) = allocate(store, 1, handle="k8s-pod-network.abc")
+    out = seeded("ipam", "show", "--ip", ip).out
+    assert f"IP {ip} is in use" in out
+    assert "Handle ID: k8s-pod-network.abc" in out
+    assert "  pod: web-0" in out and "  namespace: default" in out
+    assert seeded("ipam", "show", "--ip", "10.244.200.1").out == (
+        "IP 10.244.200.1 is not currently assigned\n"
+    )
+    assert "in no IP pool" in seeded("ipam", "show", "--ip", "192.0.2.1").out
+    assert seeded("ipam", "show", "--ip", "nonsense").code == 1
+
+
+# --------------------------------------------------------------------- ipam check
+
+
+def test_ipam_check_clean_then_corrupt_handle(seeded: Cli, store: LocalDatastore) -> None:
+    allocate(store, 2, handle="k8s-pod-network.h1")
+    clean = seeded("ipam", "check")
+    assert clean.code == 0
+    assert "Check complete; found 0 problems." in clean.out
+
+    kvp = store.get(HandleKey("k8s-pod-network.h1"))
+    (block,) = kvp.value.block
+    kvp.value.block[block] = 5
+    store.update(kvp)
+
+    broken = seeded("ipam", "check")
+    assert broken.code != 0
+    assert f"handle k8s-pod-network.h1, block {block}: the handle records 5" in broken.out
+    assert "found 1 problems" in broken.out
+    doc = json.loads(seeded("ipam", "check", "-o", "json").out)
+    assert doc["ok"] is False and doc["problems"] == 1
+    assert doc["handle_mismatches"][0]["handle_id"] == "k8s-pod-network.h1"
+
+
+# ------------------------------------------------------------------- ipam release
+
+
+def test_ipam_release_frees_the_ip_and_updates_the_handle(
+    seeded: Cli, store: LocalDatastore
+) -> None:
+    first, second = allocate(store, 2, handle="k8s-pod-network.h2")
+    result = seeded("ipam", "release", "--ip", first)
+    assert result.out == f"Successfully released IP address {first}\n"
+    assert "not currently assigned" in seeded("ipam", "show", "--ip", first).out
+    assert store.get(HandleKey("k8s-pod-network.h2")).value.block.popitem()[1] == 1
+    assert seeded("ipam", "check").code == 0
+    assert "1 (0%)" in seeded("ipam", "show").out
+    again = seeded("ipam", "release", "--ip", first)
+    assert again.code == 1
+    assert again.err.strip() == f"IP address {first} is not assigned"
+    assert f"IP {second} is in use" in seeded("ipam", "show", "--ip", second).out
+
+
+# ------------------------------------------------------------------------ delete
+
+
+def test_delete_pool_in_use_needs_force(seeded: Cli, store: LocalDatastore) -> None:
+    allocate(store, 1)
+    refused = seeded("ctl", "delete", "ippool", "default-ipv4-ippool")
+    assert refused.code == 1
+    assert "1 address(es) in use" in refused.err and "--force" in refused.err
+    assert pool_names(seeded) == ["default-ipv4-ippool"]
+    forced = seeded("ctl", "delete", "ippool", "default-ipv4-ippool", "--force")
+    assert forced.out == "Successfully deleted 1 'IPPool' resource(s)\n"
+    assert pool_names(seeded) == []
+
+
+def test_delete_by_file(seeded: Cli, tmp_path: Path) -> None:
+    result = seeded("ctl", "delete", "-f", write(tmp_path, SEED_POOL))
+    assert result.out == "Successfully deleted 1 'IPPool' resource(s)\n"
+    assert pool_names(seeded) == []
+    assert seeded("ctl", "delete", "ippool", "default-ipv4-ippool").err.strip() == (
+        "resource does not exist: IPPool(default-ipv4-ippool)"
+    )
+
+
+# ------------------------------------------------------------- datastore, errors
+
+
+def test_config_file_chooses_the_datastore(
+    cli: Cli,
+    tmp_path: Path,
+) -> None:
+    other = tmp_path / "other.db"
+    netconf = write(tmp_path, json.dumps({"local_datastore_path": str(other)}), "conf.json")
+    pool = write(tmp_path, SEED_POOL)
+    assert cli("ctl", "apply", "-f", pool, "--config", netconf).code == 0
+    assert pool_names(cli) == []  # the environment's datastore is untouched
+    api_config = write(
+        tmp_path,
+        "apiVersion: projectcalico.org/v3\nkind: CalicoAPIConfig\nmetadata: {}\n"
+        f"spec:\n  datastoreType: local\n  localDatastorePath: {other}\n",
+        "calicoctl.cfg",
+    )
+    assert "default-ipv4-ippool" in cli("ctl", "get", "ippools", "-c", api_config).out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["ctl"], ["ctl", "get"], ["ipam", "show", "--bogus"], ["ipam", "release"]],
+)
+def test_usage_errors_are_one_line(cli: Cli, argv: list[str]) -> None:
+    result = cli(*argv)
+    assert result.code == 2
+    assert len(result.err.strip().splitlines()) == 1
+    assert result.err.startswith("calico")
+
+
+def test_unknown_resource_type(cli: Cli) -> None:
+    result = cli("ctl", "get", "networkpolicies")
+    assert result.code == 1
+    assert "networkpolicies" in result.err
+
+
+def test_corrupt_datastore_is_one_clear_line(cli: Cli, db: str) -> None:
+    Path(db).write_text("this is not sqlite")
+    result = cli("ipam", "show")
+    assert result.code == 1
+    assert result.err.count("\n") == 1
+    assert "corrupt" in result.err and db in result.err
+
+
+def test_unusable_datastore_type(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATASTORE_TYPE", "zookeeper")
+    result = cli("ctl", "get", "ippools")
+    assert result.code == 1
+    assert "zookeeper" in result.err and result.err.count("\n") == 1
+
+
+def test_version_still_works(cli: Cli) -> None:
+    assert cli("version").out.startswith("calico ")
+    assert cli("-v").code == 0
