@@ -259,7 +259,10 @@ def cmd_check(req: Request) -> None:
         from ipam_plugin.engine import IPAM
 
         with _datastore_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
-            held = IPAM(store).ips_by_handle(who.handle_id)
+            try:
+                held = IPAM(store).ips_by_handle(who.handle_id)
+            except NotFound:
+                held = []
     if not held:
         raise CNIError(ERR_INTERNAL, f"calico-ipam: no addresses are allocated to {who.handle_id}")
     missing = [

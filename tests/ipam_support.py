@@ -1,0 +1,70 @@
+"""Seeding and inspecting a local (SQLite) Calico datastore from tests, through the library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ipam_plugin import inspect
+from ipam_plugin.datastore.base import KVPair, NotFound
+from ipam_plugin.datastore.local import LocalDatastore
+from ipam_plugin.engine import IPAM
+from ipam_plugin.model import (
+    IPAMConfig,
+    IPAMConfigKey,
+    IPPool,
+    IPPoolSpec,
+    IPReservation,
+    ObjectMeta,
+    ResourceKey,
+)
+
+
+@dataclass
+class LocalStore:
+    path: str
+
+    def _open(self) -> LocalDatastore:
+        return LocalDatastore(self.path)
+
+    def add_pool(self, name: str, cidr: str, **spec: Any) -> None:
+        pool = IPPool(metadata=ObjectMeta(name, {}), spec=IPPoolSpec.from_json({"cidr": cidr, **spec}))
+        with self._open() as store:
+            store.create(KVPair(ResourceKey("IPPool", name), pool))
+
+    def add_reservation(self, name: str, cidrs: list[str]) -> None:
+        with self._open() as store:
+            reservation = IPReservation(metadata=ObjectMeta(name, {}), reserved_cidrs=cidrs)
+            store.create(KVPair(ResourceKey("IPReservation", name), reservation))
+
+    def set_config(self, **fields: Any) -> None:
+        with self._open() as store:
+            store.create(KVPair(IPAMConfigKey(), IPAMConfig(**fields)))
+
+    def handles(self) -> list[str]:
+        with self._open() as store:
+            return IPAM(store).list_handles()
+
+    def ips_of(self, handle: str) -> list[str]:
+        with self._open() as store:
+            try:
+                return sorted(str(ip) for ip in IPAM(store).ips_by_handle(handle))
+            except NotFound:
+                return []
+
+    def in_use(self) -> int:
+        with self._open() as store:
+            return sum(p.in_use for p in inspect.pool_usage(store))
+
+    def block_affinities(self) -> dict[str, str]:
+        """Block CIDR → its `affinity` (host:<node>)."""
+        with self._open() as store:
+            return {b.cidr: b.affinity for b in inspect.block_usage(store)}
+
+    def release(self, ip: str) -> None:
+        with self._open() as store:
+            IPAM(store).release_ips([ip])
+
+    def consistency(self) -> inspect.ConsistencyReport:
+        with self._open() as store:
+            return inspect.check_consistency(store)
