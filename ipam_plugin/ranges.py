@@ -373,7 +373,8 @@ class RangeStore:
         try:
             with os.scandir(dir_fd) as entries:
                 names = sorted(
-                    entry.name for entry in entries
+                    entry.name
+                    for entry in entries
                     if entry.is_file(follow_symlinks=False) and _may_hold_allocation(entry.name)
                 )
             found = {}
@@ -427,7 +428,8 @@ def _ip_file_name(name: str) -> IPAddress | None:
 def _ips_holding(contents: dict[str, str], *wanted: str) -> list[IPAddress]:
     """IPs of the files whose content is one of `wanted`; only their names are parsed."""
     return [
-        ip for name, content in contents.items()
+        ip
+        for name, content in contents.items()
         if content in wanted and (ip := _ip_file_name(name)) is not None
     ]
 
@@ -435,8 +437,7 @@ def _ips_holding(contents: dict[str, str], *wanted: str) -> list[IPAddress]:
 def _allocations(contents: dict[str, str]) -> dict[IPAddress, str]:
     """Every allocation file's IP and content."""
     return {
-        ip: content for name, content in contents.items()
-        if (ip := _ip_file_name(name)) is not None
+        ip: content for name, content in contents.items() if (ip := _ip_file_name(name)) is not None
     }
 
 

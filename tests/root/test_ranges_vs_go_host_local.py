@@ -38,22 +38,40 @@ def ipam_conf(data_dir: Path, *subnets: str) -> dict:
     }
 
 
-def go_request(command: str, data_dir: Path, container_id: str,
-               *subnets: str) -> tuple[dict[str, str], str]:
+def go_request(
+    command: str, data_dir: Path, container_id: str, *subnets: str
+) -> tuple[dict[str, str], str]:
     """Environment and stdin for one host-local call. Its skel insists on CNI_NETNS even
     though host-local never opens it."""
-    netconf = {"cniVersion": "1.0.0", "name": NETWORK, "type": "ptp",
-               "ipam": ipam_conf(data_dir, *subnets or (SUBNET_V4,))}
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_IFNAME": "eth0",
-           "CNI_PATH": str(HOST_LOCAL.parent), "CNI_NETNS": "/proc/self/ns/net"}
+    netconf = {
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "type": "ptp",
+        "ipam": ipam_conf(data_dir, *subnets or (SUBNET_V4,)),
+    }
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(HOST_LOCAL.parent),
+        "CNI_NETNS": "/proc/self/ns/net",
+    }
     return env, json.dumps(netconf)
 
 
-def run_go(command: str, data_dir: Path, container_id: str,
-           *subnets: str) -> subprocess.CompletedProcess:
+def run_go(
+    command: str, data_dir: Path, container_id: str, *subnets: str
+) -> subprocess.CompletedProcess:
     env, stdin = go_request(command, data_dir, container_id, *subnets)
-    return subprocess.run([str(HOST_LOCAL)], input=stdin, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [str(HOST_LOCAL)],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def go_add(data_dir: Path, container_id: str, *subnets: str) -> list[str]:
@@ -83,8 +101,11 @@ def network_files(data_dir: Path) -> dict[str, bytes]:
 
 
 def ip_files(data_dir: Path) -> dict[str, bytes]:
-    return {name: content for name, content in network_files(data_dir).items()
-            if name != "lock" and not name.startswith("last_reserved_ip.")}
+    return {
+        name: content
+        for name, content in network_files(data_dir).items()
+        if name != "lock" and not name.startswith("last_reserved_ip.")
+    }
 
 
 def test_parallel_adds_and_dels_from_both_plugins_never_collide(tmp_path):
@@ -159,8 +180,11 @@ def blocked_flock_waiters(inode: int) -> set[int]:
     waiters = set()
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
-        if (len(fields) > 6 and fields[1:3] == ["->", "FLOCK"]
-                and int(fields[6].rsplit(":", 1)[1]) == inode):
+        if (
+            len(fields) > 6
+            and fields[1:3] == ["->", "FLOCK"]
+            and int(fields[6].rsplit(":", 1)[1]) == inode
+        ):
             waiters.add(int(fields[5]))
     return waiters
 
@@ -169,8 +193,9 @@ def test_go_waits_for_the_lock_we_hold(tmp_path):
     store = RangeStore(tmp_path, NETWORK)
     env, stdin = go_request("ADD", tmp_path, "waiting")
     with store.locked():
-        go = subprocess.Popen([str(HOST_LOCAL)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env=env, text=True)
+        go = subprocess.Popen(
+            [str(HOST_LOCAL)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
         go.stdin.write(stdin)
         go.stdin.close()
         inode = store.lock_path.stat().st_ino

@@ -179,6 +179,7 @@ def test_the_last_reserved_ip_itself_is_the_final_candidate(store):
     release(store, "f", "eth0")
     assert addresses(allocate(store, range_sets, "g", "eth0", [])) == ["192.168.1.3/29"]
 
+
 def test_last_reserved_ip_outside_the_set_restarts_at_range_start(store):
     (store.directory / "last_reserved_ip.0").write_text("10.9.9.9")
     assert addresses(allocate(store, sets([subnet("10.1.2.0/24")]), "a", "eth0", [])) == [
