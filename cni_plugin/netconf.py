@@ -27,6 +27,8 @@ from cni_plugin.types import (
 DEFAULT_NODENAME_FILE = "/var/lib/calico/nodename"
 DEFAULT_MTU_FILE = "/var/lib/calico/mtu"
 DEFAULT_IPAM_LOCK_FILE = "/var/run/calico/ipam.lock"
+# Calico waits for the node's IPAM lock forever; we give up (code 11) after this long.
+DEFAULT_IPAM_LOCK_TIMEOUT_S = 60.0
 DEFAULT_LOCAL_DATASTORE = "/var/lib/calico/calico.db"
 _SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "netconf.schema.json")
 
@@ -111,6 +113,7 @@ class NetConf:
     allow_ip_forwarding: bool = False
     include_default_routes: bool = False
     ipam_lock_file: str = DEFAULT_IPAM_LOCK_FILE
+    ipam_lock_timeout: float = DEFAULT_IPAM_LOCK_TIMEOUT_S
     policy_type: str = ""
     prev_result: dict[str, Any] | None = None
     runtime_config: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +144,7 @@ class NetConf:
             allow_ip_forwarding=raw.get("container_settings", {}).get("allow_ip_forwarding", False),
             include_default_routes=raw.get("include_default_routes", False),
             ipam_lock_file=raw.get("ipam_lock_file") or DEFAULT_IPAM_LOCK_FILE,
+            ipam_lock_timeout=raw.get("ipam_lock_timeout_seconds") or DEFAULT_IPAM_LOCK_TIMEOUT_S,
             policy_type=raw.get("policy", {}).get("type", ""),
             prev_result=raw.get("prevResult"),
             runtime_config=raw.get("runtimeConfig") or {},

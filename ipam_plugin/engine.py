@@ -61,6 +61,14 @@ class IPAMError(Exception):
     """An allocation failure; str(e) is Calico's message, word for word."""
 
 
+class IPAMRequestError(IPAMError):
+    """The request names a pool or address that cannot be used as asked: a config error."""
+
+
+class IPAMRetriesExhausted(IPAMError):
+    """CAS kept failing under concurrent writers: transient, worth retrying later."""
+
+
 class _NoFreeBlocks(Exception):
     """No block can be found or claimed; not an error, the caller goes on to borrow."""
 
@@ -79,7 +87,7 @@ def _with_retries(attempt: Callable[[], T]) -> T:
             return attempt()
         except _RETRYABLE:
             continue
-    raise IPAMError(MAX_RETRIES_MESSAGE)
+    raise IPAMRetriesExhausted(MAX_RETRIES_MESSAGE)
 
 
 def _add(delta: int) -> Callable[[int], int]:
@@ -235,7 +243,7 @@ class IPAM:
         try:
             return selector_matches(selector, labels)
         except SelectorError as err:
-            raise IPAMError(f"IP pool {pool.name} has an invalid selector: {err}") from err
+            raise IPAMRequestError(f"IP pool {pool.name} has an invalid selector: {err}") from err
 
     def _selects_node(self, pool: IPPool, node_labels: dict[str, str]) -> bool:
         return self._selects(pool, pool.spec.node_selector, node_labels)
@@ -249,7 +257,7 @@ class IPAM:
         for pool in enabled:
             if pool.name == wanted or pool.network == network:
                 return pool
-        raise IPAMError(f"the given pool ({wanted}) does not exist, or is not enabled")
+        raise IPAMRequestError(f"the given pool ({wanted}) does not exist, or is not enabled")
 
     def _determine_pools(
         self,
@@ -571,7 +579,7 @@ class IPAM:
                 kvp = self.store.get(kvp.key)
             except NotFound:
                 return []
-        raise IPAMError(MAX_RETRIES_MESSAGE)
+        raise IPAMRetriesExhausted(MAX_RETRIES_MESSAGE)
 
     def _borrow(
         self,
@@ -614,10 +622,10 @@ class IPAM:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            raise IPAMError(f"invalid IP address: {ip}") from None
+            raise IPAMRequestError(f"invalid IP address: {ip}") from None
         pool = next((p for p in self.pools() if p.is_enabled() and address in p.network), None)
         if pool is None:
-            raise IPAMError(NOT_IN_POOL_MESSAGE)
+            raise IPAMRequestError(NOT_IN_POOL_MESSAGE)
         if intended_use and intended_use not in pool.spec.allowed_uses:
             raise IPAMError(
                 f'IP address {address} is in IP pool "{pool.name}", which is not allowed for '
@@ -651,7 +659,7 @@ class IPAM:
                 self._change_handle(handle_id, str(cidr), _add(-1))
                 continue
             return block.interface(ordinal)
-        raise IPAMError(MAX_RETRIES_MESSAGE)
+        raise IPAMRetriesExhausted(MAX_RETRIES_MESSAGE)
 
     # --------------------------------------------------------------- handles
 
@@ -733,7 +741,7 @@ class IPAM:
             try:
                 addresses[text] = ipaddress.ip_address(text)
             except ValueError:
-                raise IPAMError(f"invalid IP address: {text}") from None
+                raise IPAMRequestError(f"invalid IP address: {text}") from None
         by_block: dict[IPNetwork, list[str]] = {}
         unallocated: list[str] = []
         pools = self.pools()

@@ -14,12 +14,11 @@ from contextlib import contextmanager
 
 from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError
 
-DEFAULT_TIMEOUT_S = 60.0
 _POLL_S = 0.01
 
 
 @contextmanager
-def ipam_lock(path: str, timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
+def ipam_lock(path: str, timeout: float) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created 0600, parent 0700 when we make it)."""
     directory = os.path.dirname(path)
     if directory:

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 from cni_plugin import logs, skel
@@ -109,6 +109,10 @@ def _load(req: Request) -> tuple[NetConf, IPAMConf]:
     return conf, conf.ipam
 
 
+def _node_lock(conf: NetConf) -> AbstractContextManager[None]:
+    return ipam_lock(conf.ipam_lock_file, conf.ipam_lock_timeout)
+
+
 def _is_range_mode(ipam: IPAMConf) -> bool:
     return bool(ipam.raw.get("subnet") or ipam.raw.get("ranges"))
 
@@ -145,7 +149,7 @@ def _pool_add(req: Request, conf: NetConf, ipam: IPAMConf, who: Attachment) -> R
 
     settings = DatastoreSettings.resolve(conf.raw)
     requested_ip = req.args.get("IP", "")
-    with _datastore_errors(), settings.open() as store, ipam_lock(conf.ipam_lock_file):
+    with _datastore_errors(), settings.open() as store, _node_lock(conf):
         engine = IPAM(store)
         if settings.type == "local":
             engine.ensure_node(who.node)
@@ -155,12 +159,24 @@ def _pool_add(req: Request, conf: NetConf, ipam: IPAMConf, who: Attachment) -> R
             else:
                 ips = _auto_assign(engine, ipam, who)
         except IPAMError as err:
-            raise CNIError(ERR_INTERNAL, str(err)) from err
+            raise CNIError(_ipam_error_code(err), str(err)) from err
     log.info("Calico CNI IPAM assigned addresses", extra={"fields": {"IPs": [str(i) for i in ips]}})
     return Result(
         ips=[IPConfig(address=ip) for ip in ips],
         routes=[Route(dst=ip.network) for ip in ips],
     )
+
+
+def _ipam_error_code(err: Exception) -> int:
+    """A request naming an unusable pool or address is a config error; CAS exhaustion is
+    transient; the rest (exhaustion, block limit) keep Calico's internal-error code."""
+    from ipam_plugin.engine import IPAMRequestError, IPAMRetriesExhausted
+
+    if isinstance(err, IPAMRequestError):
+        return ERR_INVALID_CONFIG
+    if isinstance(err, IPAMRetriesExhausted):
+        return ERR_TRY_AGAIN_LATER
+    return ERR_INTERNAL
 
 
 def _assign_specific(engine, requested: str, who: Attachment) -> list:
@@ -230,7 +246,7 @@ def cmd_del(req: Request) -> None:
     settings = DatastoreSettings.resolve(conf.raw)
     from ipam_plugin.engine import IPAM
 
-    with _datastore_errors(), settings.open() as store, ipam_lock(conf.ipam_lock_file):
+    with _datastore_errors(), settings.open() as store, _node_lock(conf):
         engine = IPAM(store)
         for handle in (who.handle_id, who.workload_id):
             try:
