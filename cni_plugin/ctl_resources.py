@@ -41,8 +41,12 @@ _KIND_ALIASES = {
 }
 _KIND_BY_ALIAS = {alias: kind for kind, aliases in _KIND_ALIASES.items() for alias in aliases}
 # `kind:` in a document; IPAMConfig is the CRD's name for the same singleton.
-_DOCUMENT_KINDS = {IPPOOL: IPPOOL, IPRESERVATION: IPRESERVATION}
-_DOCUMENT_KINDS.update({IPAMCONFIGURATION: IPAMCONFIGURATION, "IPAMConfig": IPAMCONFIGURATION})
+_DOCUMENT_KINDS = {
+    IPPOOL: IPPOOL,
+    IPRESERVATION: IPRESERVATION,
+    IPAMCONFIGURATION: IPAMCONFIGURATION,
+    "IPAMConfig": IPAMCONFIGURATION,
+}
 
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
 _SPEC_FIELDS = {
