@@ -8,6 +8,7 @@ nothing configured here means the embedded `local` SQLite datastore.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,14 @@ from cni_plugin.types import ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError
 from ipam_plugin.datastore.base import Datastore, DatastoreUnavailable
 
 DEFAULT_LOCAL_PATH = "/var/lib/calico/calico.db"
+DEFAULT_ETCD = "http://127.0.0.1:2379"  # libcalico-go's default when no endpoint is set
 _TYPES = ("local", "etcdv3", "kubernetes")
+_ETCD_TLS_SETTINGS = ("etcd_scheme", "etcd_key_file", "etcd_cert_file", "etcd_ca_cert_file")
+
+
+def _setting(conf: dict[str, Any], env: Mapping[str, str], name: str) -> str:
+    """A netconf key (e.g. `etcd_cert_file`), else its environment variable (`ETCD_CERT_FILE`)."""
+    return conf.get(name) or env.get(name.upper(), "")
 
 
 @dataclass
@@ -23,38 +31,53 @@ class DatastoreSettings:
     type: str
     local_path: str = DEFAULT_LOCAL_PATH
     etcd_endpoints: str = ""
+    etcd_scheme: str = ""
+    etcd_key_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_ca_cert_file: str = ""
 
     @classmethod
     def resolve(
-        cls, conf: dict[str, Any], environ: dict[str, str] | None = None
+        cls, conf: dict[str, Any], environ: Mapping[str, str] | None = None
     ) -> DatastoreSettings:
         env = os.environ if environ is None else environ
-        endpoints = conf.get("etcd_endpoints") or env.get("ETCD_ENDPOINTS", "")
-        kind = conf.get("datastore_type") or env.get("DATASTORE_TYPE", "")
+        endpoints = _setting(conf, env, "etcd_endpoints")
+        kind = _setting(conf, env, "datastore_type")
         if not kind:
             kind = "etcdv3" if endpoints else "local"
         if kind not in _TYPES:
             raise CNIError(
                 ERR_INVALID_CONFIG, f'unknown datastore_type "{kind}"', f"use one of {list(_TYPES)}"
             )
-        path = (
-            conf.get("local_datastore_path")
-            or env.get("LOCAL_DATASTORE_PATH")
-            or DEFAULT_LOCAL_PATH
+        return cls(
+            type=kind,
+            local_path=_setting(conf, env, "local_datastore_path") or DEFAULT_LOCAL_PATH,
+            etcd_endpoints=endpoints,
+            **{name: _setting(conf, env, name) for name in _ETCD_TLS_SETTINGS},
         )
-        return cls(type=kind, local_path=path, etcd_endpoints=endpoints)
 
     def open(self) -> Datastore:
-        if self.type != "local":
-            raise CNIError(
-                ERR_INVALID_CONFIG,
-                f"datastore_type {self.type} is not supported by this build yet",
-                "use datastore_type local (the default)",
-            )
-        # Imported here so that range mode and the other verbs never load sqlite3.
-        from ipam_plugin.datastore.local import LocalDatastore
-
         try:
-            return LocalDatastore(self.local_path)
+            if self.type == "local":
+                # Imported here so that range mode and the other verbs never load sqlite3.
+                from ipam_plugin.datastore.local import LocalDatastore
+
+                return LocalDatastore(self.local_path)
+            if self.type == "etcdv3":
+                return self._open_etcd()
         except DatastoreUnavailable as err:
             raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore unavailable: {err}") from err
+        raise CNIError(
+            ERR_INVALID_CONFIG,
+            f"datastore_type {self.type} is not supported by this build yet",
+            "use datastore_type local (the default) or etcdv3",
+        )
+
+    def _open_etcd(self) -> Datastore:
+        """Connects lazily: the first request reaches the first endpoint that answers."""
+        from ipam_plugin.datastore.etcd import Endpoint, EtcdDatastore, TLSFiles
+
+        urls = [url for url in self.etcd_endpoints.split(",") if url.strip()]
+        endpoints = [Endpoint.parse(url, self.etcd_scheme) for url in urls or [DEFAULT_ETCD]]
+        tls = TLSFiles(self.etcd_cert_file, self.etcd_key_file, self.etcd_ca_cert_file)
+        return EtcdDatastore(endpoints, tls)
