@@ -178,7 +178,12 @@ def make_tls_files(directory: Path) -> TLSFiles:
     )  # fmt: skip
     issued = {}
     for role, extensions in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        # etcd 3.4's JSON gateway dials its own gRPC port presenting the server
+        # certificate as a client certificate, so it needs clientAuth as well.
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+        ),
         ("client", "extendedKeyUsage=clientAuth"),
     ):
         key, csr, cert = (directory / f"{role}.{ext}" for ext in ("key", "csr", "pem"))
