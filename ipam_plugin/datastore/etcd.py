@@ -1,15 +1,15 @@
 """The `etcdv3` datastore: Calico's keys and JSON values in a real etcd, through its gateway.
 
-Client choice, measured on this 2-core VM under the team's test load (figures in the
-report of the commit that added this file; re-run with bench-style scripts, not tests):
+Client choice, measured on this 2-core VM while the team's tests ran (load average 6-50,
+so compare the rows, not the absolute figures; cost-floor.md §6 has the quiet ones):
 
-  extra import time on top of calico-ipam's own imports, min / p50 of 21 processes
-    etcd3gw.client (requests, futurist, ...)   181 / 491 ms
-    http.client + base64                        32 /  65 ms  (ssl alone: 20 / 30 ms,
-                                                              email.parser most of the rest)
-    socket + base64 (socket already loaded)    0.4 / 0.7 ms
-  sequential put+get pairs on one keep-alive connection, p50 of 300
-    etcd3gw 4.3 ms, http.client 1.9 ms, this client 1.7 ms
+  extra import time on top of calico-ipam's own imports (min / p50 of 21 processes)
+    etcd3gw.client (requests, futurist, ...)   181-280 / 408-491 ms
+    http.client + base64                        32-41  /  65-68  ms
+      of which ssl alone                        18-20  /  27-30  ms (email.parser: most else)
+    this module, whole (socket already loaded)      6  /     19  ms
+  put+get pair on one keep-alive connection, p50 of 500, the three clients interleaved
+    etcd3gw 6.0 ms, http.client 2.6 ms, this module 1.9 ms
 
 So this module speaks HTTP/1.1 to etcd's JSON gateway (`/v3/kv/range`, `/v3/kv/txn`,
 base64 keys and values) over a plain `socket`, and imports `ssl` only for https
@@ -19,6 +19,9 @@ or chunked encoding; that is all the HTTP this needs.
 One keep-alive connection per process. A connection failure moves to the next endpoint;
 when every endpoint has failed on a fresh connection the operation raises
 DatastoreUnavailable naming them. Each attempt is bounded (connect ~2 s, request ~5 s).
+A request whose reply was lost may be sent again; every write is guarded by a compare,
+so a resent write can only report Conflict/AlreadyExists (as a racing writer would),
+never apply twice.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import json
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from ipam_plugin.datastore.base import (
     AlreadyExists,
@@ -74,16 +76,25 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str, default_scheme: str = "http") -> Endpoint:
-        """`https://10.0.0.1:2379`, or `10.0.0.1:2379` with `default_scheme` (etcd_scheme)."""
-        text = url.strip()
-        parts = urlsplit(text if "://" in text else f"{default_scheme or 'http'}://{text}")
-        try:
-            port = parts.port or 2379
-        except ValueError as err:
-            raise DatastoreUnavailable(f"etcd endpoint {url!r} has a bad port") from err
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        """`https://10.0.0.1:2379`, or `10.0.0.1:2379` with `default_scheme` (etcd_scheme).
+
+        Parsed by hand: urllib.parse would cost the bundled executable an import."""
+        scheme, sep, rest = url.strip().partition("://")
+        if not sep:
+            scheme, rest = default_scheme or "http", url.strip()
+        netloc = rest.split("/", 1)[0]
+        if netloc.startswith("["):
+            host, _, port_text = netloc[1:].partition("]")
+            port_text = port_text.removeprefix(":")
+        else:
+            host, _, port_text = netloc.partition(":")
+        if scheme not in ("http", "https") or not host:
             raise DatastoreUnavailable(f"etcd endpoint {url!r} is not an http(s) URL")
-        return cls(parts.scheme, parts.hostname, port)
+        if not port_text:
+            return cls(scheme, host, 2379)
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise DatastoreUnavailable(f"etcd endpoint {url!r} has a bad port")
+        return cls(scheme, host, int(port_text))
 
     @property
     def url(self) -> str:

@@ -61,7 +61,8 @@ def test_endpoint_urls() -> None:
     assert Endpoint.parse("10.0.0.1:2379", "https") == Endpoint("https", "10.0.0.1", 2379)
     assert Endpoint.parse("http://etcd.example") == Endpoint("http", "etcd.example", 2379)
     assert Endpoint.parse(" https://[fd00::1]:4001 ").url == "https://[fd00::1]:4001"
-    for bad in ("ftp://10.0.0.1:2379", "http://:2379", "http://10.0.0.1:99999"):
+    assert Endpoint.parse("https://etcd-0:2379/").url == "https://etcd-0:2379"
+    for bad in ("ftp://10.0.0.1:2379", "http://:2379", "http://10.0.0.1:99999", "etcd:x"):
         with pytest.raises(DatastoreUnavailable) as err:
             Endpoint.parse(bad)
         assert bad in str(err.value)

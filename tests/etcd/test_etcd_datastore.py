@@ -214,3 +214,13 @@ def test_each_operation_is_one_round_trip(clean_etcd: EtcdCluster) -> None:
                 failing()
         store.delete(fresh)
         assert store.round_trips == 8
+
+
+def test_a_large_list_comes_back_whole_and_in_key_order(store: Datastore) -> None:
+    """Big enough that etcd sends the reply chunked rather than with a Content-Length."""
+    names = [f"k8s-pod-network.{i:064x}" for i in range(300)]
+    for name in reversed(names):
+        store.create(KVPair(HandleKey(name), IPAMHandle({"10.0.0.0/26": 1})))
+    listed = store.list(HandleListOptions())
+    assert [kvp.key.handle_id for kvp in listed] == names
+    assert all(kvp.value == IPAMHandle({"10.0.0.0/26": 1}) for kvp in listed)
