@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cni_plugin.types import ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError
-from ipam_plugin.datastore.base import Datastore, DatastoreUnavailable
+from cni_plugin.types import ERR_INVALID_CONFIG, CNIError
+from ipam_plugin.datastore.base import Datastore
 
 DEFAULT_LOCAL_PATH = "/var/lib/calico/calico.db"
 DEFAULT_ETCD = "http://127.0.0.1:2379"  # libcalico-go's default when no endpoint is set
@@ -57,16 +57,14 @@ class DatastoreSettings:
         )
 
     def open(self) -> Datastore:
-        try:
-            if self.type == "local":
-                # Imported here so that range mode and the other verbs never load sqlite3.
-                from ipam_plugin.datastore.local import LocalDatastore
+        """The backend for `type`; its DatastoreErrors reach the caller untranslated."""
+        if self.type == "local":
+            # Imported here so that range mode and the other verbs never load sqlite3.
+            from ipam_plugin.datastore.local import LocalDatastore
 
-                return LocalDatastore(self.local_path)
-            if self.type == "etcdv3":
-                return self._open_etcd()
-        except DatastoreUnavailable as err:
-            raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore unavailable: {err}") from err
+            return LocalDatastore(self.local_path)
+        if self.type == "etcdv3":
+            return self._open_etcd()
         raise CNIError(
             ERR_INVALID_CONFIG,
             f"datastore_type {self.type} is not supported by this build yet",
