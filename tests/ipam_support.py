@@ -28,7 +28,9 @@ class LocalStore:
         return LocalDatastore(self.path)
 
     def add_pool(self, name: str, cidr: str, **spec: Any) -> None:
-        pool = IPPool(metadata=ObjectMeta(name, {}), spec=IPPoolSpec.from_json({"cidr": cidr, **spec}))
+        pool = IPPool(
+            metadata=ObjectMeta(name, {}), spec=IPPoolSpec.from_json({"cidr": cidr, **spec})
+        )
         with self._open() as store:
             store.create(KVPair(ResourceKey("IPPool", name), pool))
 

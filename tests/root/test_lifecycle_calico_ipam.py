@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ALL_VERSIONS, Node, calico_conf, version_tuple, with_prev
+from tests.harness import ALL_VERSIONS, Node, calico_conf, result_ips, version_tuple, with_prev
 from tests.ipam_support import LocalStore
 from tests.root.checks import (
     assert_pod_gone,
@@ -27,14 +27,22 @@ STACKS = {
 @pytest.fixture
 def store(tmp_path: Path) -> LocalStore:
     s = LocalStore(str(tmp_path / "calico.db"))
-    s.add_pool("default-ipv4-ippool", "10.244.0.0/16", blockSize=26, ipipMode="CrossSubnet",
-               natOutgoing=True, nodeSelector="all()", vxlanMode="Never")
+    s.add_pool(
+        "default-ipv4-ippool",
+        "10.244.0.0/16",
+        blockSize=26,
+        ipipMode="CrossSubnet",
+        natOutgoing=True,
+        nodeSelector="all()",
+        vxlanMode="Never",
+    )
     s.add_pool("default-ipv6-ippool", "fd00:244::/48")
     return s
 
 
-def ipam_conf(version: str, store: LocalStore, tmp_path: Path, ipam_extra: dict | None = None,
-              **extra) -> dict:
+def ipam_conf(
+    version: str, store: LocalStore, tmp_path: Path, ipam_extra: dict | None = None, **extra
+) -> dict:
     return calico_conf(
         version,
         {"type": "calico-ipam", **(ipam_extra or {})},
@@ -69,24 +77,27 @@ def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, 
     assert store.ips_of(handle) == sorted(str(ipaddress.ip_interface(a).ip) for a in ips_a)
     for address in ips_a:  # the first address of a fresh block is the block's .0
         assert ipaddress.ip_interface(address).ip in ipaddress.ip_network(
-            "10.244.0.0/16" if ":" not in address else "fd00:244::/48")
+            "10.244.0.0/16" if ":" not in address else "fd00:244::/48"
+        )
 
     add_b = node.run("ADD", conf, "ctr-b", pod_b.path, args=args_for("pod-b"))
     assert add_b.code == 0, add_b
-    ips_b = [ip["address"] if "address" in ip else ip for ip in add_b.json.get("ips", [])]
-    for address_a, address_b in zip(sorted(ips_a), sorted(ips_b), strict=False):
+    ips_b = result_ips(add_b.json, version)
+    for address_a, address_b in zip(sorted(ips_a), sorted(ips_b), strict=True):
         ip_a, ip_b = (str(ipaddress.ip_interface(a).ip) for a in (address_a, address_b))
         assert node.netns.ping(ip_a)
         assert pod_a.ping(ip_b)
 
     if version_tuple(version) >= (0, 4, 0):
-        check = node.run("CHECK", with_prev(conf, add_a.json), "ctr-a", pod_a.path,
-                         args=args_for("pod-a"))
+        check = node.run(
+            "CHECK", with_prev(conf, add_a.json), "ctr-a", pod_a.path, args=args_for("pod-a")
+        )
         assert (check.code, check.stdout) == (0, ""), check
 
     for _ in range(2):
-        deleted = node.run("DEL", with_prev(conf, add_a.json), "ctr-a", pod_a.path,
-                           args=args_for("pod-a"))
+        deleted = node.run(
+            "DEL", with_prev(conf, add_a.json), "ctr-a", pod_a.path, args=args_for("pod-a")
+        )
         assert (deleted.code, deleted.stdout) == (0, ""), deleted
     assert_pod_gone(node, pod_a, host_a, ips_a)
     assert store.ips_of(handle) == []
@@ -97,8 +108,9 @@ def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, 
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
-def test_check_fails_when_ipam_lost_the_address(node: Node, store: LocalStore, tmp_path: Path,
-                                                 version: str) -> None:
+def test_check_fails_when_ipam_lost_the_address(
+    node: Node, store: LocalStore, tmp_path: Path, version: str
+) -> None:
     conf = ipam_conf(version, store, tmp_path)
     pod = node.new_pod()
     add = node.run("ADD", conf, "ctr", pod.path, args=args_for("p"))
@@ -119,7 +131,9 @@ def test_status_without_a_usable_pool(node: Node, tmp_path: Path) -> None:
         assert "no enabled IPv4 pool" in status.json["msg"]
 
 
-def test_gc_releases_exactly_the_stale_handles(node: Node, store: LocalStore, tmp_path: Path) -> None:
+def test_gc_releases_exactly_the_stale_handles(
+    node: Node, store: LocalStore, tmp_path: Path
+) -> None:
     conf = ipam_conf("1.1.0", store, tmp_path)
     pods = {name: node.new_pod() for name in ("keep", "stale")}
     for name, pod in pods.items():
@@ -127,7 +141,9 @@ def test_gc_releases_exactly_the_stale_handles(node: Node, store: LocalStore, tm
     other_network = dict(conf, name="other-net")
     other_pod = node.new_pod()
     assert node.run("ADD", other_network, "ctr-other", other_pod.path, args=args_for("o")).code == 0
-    gc_conf = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "ctr-keep", "ifname": "eth0"}]})
+    gc_conf = dict(
+        conf, **{"cni.dev/valid-attachments": [{"containerID": "ctr-keep", "ifname": "eth0"}]}
+    )
     result = node.run("GC", gc_conf)
     assert (result.code, result.stdout) == (0, ""), result
     assert sorted(store.handles()) == ["k8s-pod-network.ctr-keep", "other-net.ctr-other"]
