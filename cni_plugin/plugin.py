@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cni_plugin import ipam_exec, logs
+from cni_plugin import ipam_exec, logs, workload
 from cni_plugin.netconf import NetConf
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -24,6 +24,11 @@ from cni_plugin.types import (
     Result,
     Route,
 )
+from cni_plugin.workload import WorkloadID
+from ipam_plugin.datastore.config import translate_errors
+
+if TYPE_CHECKING:
+    from ipam_plugin.datastore.base import Datastore
 
 COMPONENT = "cni-plugin"
 DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -88,6 +93,19 @@ def _narrow(ip: Any) -> Any:
     return ipaddress.ip_interface(f"{ip.ip}/{ip.max_prefixlen}")
 
 
+def _endpoint_store(conf: NetConf) -> Datastore | None:
+    """The datastore the plugin records endpoints in: etcd only, as in real Calico (in the
+    Kubernetes datastore the Pod is the endpoint; the local one is IPAM's own)."""
+    from ipam_plugin.datastore.config import DatastoreSettings
+
+    settings = DatastoreSettings.resolve(conf.raw)
+    return settings.open() if settings.type == "etcdv3" else None
+
+
+def _profiles(conf: NetConf, wid: WorkloadID) -> list[str]:
+    return [f"kns.{wid.namespace}"] if conf.policy_type == "k8s" else [conf.name]
+
+
 def cmd_add(req: Request) -> Result:
     from cni_plugin import dataplane
 
@@ -98,7 +116,36 @@ def cmd_add(req: Request) -> Result:
     _refuse_pod_cidr(conf)
     mtu = conf.resolve_mtu()
     host_ifname = dataplane.host_veth_name(req.args, req.container_id)
-    log.info("Calico CNI ADD", extra={"fields": _fields(req, Node=conf.resolve_nodename())})
+    wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)
+    log.info("Calico CNI ADD", extra={"fields": _fields(req, Node=wid.node)})
+    with translate_errors():
+        store = _endpoint_store(conf)
+        try:
+            if store is not None:
+                workload.require_ready(store)
+            result = _add_with_ipam(req, conf, ipam_type, host_ifname, mtu, store, wid)
+        finally:
+            if store is not None:
+                store.close()
+    log.info(
+        "Calico CNI ADD complete",
+        extra={"fields": _fields(req, Duration=_since(started), Interface=host_ifname)},
+    )
+    return result
+
+
+def _add_with_ipam(
+    req: Request,
+    conf: NetConf,
+    ipam_type: str,
+    host_ifname: str,
+    mtu: int,
+    store: Datastore | None,
+    wid: WorkloadID,
+) -> Result:
+    """Everything after IPAM ADD is undone (addresses released) when any step fails."""
+    from cni_plugin import dataplane
+
     ipam_result = ipam_exec.add(ipam_type, req, conf.cni_version)
     try:
         ips = [_narrow(ipc.address) for ipc in ipam_result.ips]
@@ -118,22 +165,33 @@ def cmd_add(req: Request) -> Result:
                 allow_ip_forwarding=conf.allow_ip_forwarding,
             )
         )
+        if store is not None:
+            try:
+                if not conf.policy_type:
+                    workload.ensure_profile(store, conf.name, wid.orchestrator)
+                workload.write_endpoint(
+                    store,
+                    wid,
+                    req.container_id,
+                    host_ifname,
+                    interfaces.pod.mac,
+                    ips,
+                    _profiles(conf, wid),
+                )
+            except BaseException:
+                dataplane.teardown_pod(req.netns, req.ifname)
+                raise
     except BaseException as exc:
         log.error("ADD failed after IPAM allocated addresses, releasing them: %s", exc)
         ipam_exec.release_after_failure(ipam_type, req)
         raise
     gateways = {4: dataplane.GATEWAY_V4, 6: dataplane.GATEWAY_V6}
-    result = Result(
+    return Result(
         interfaces=[interfaces.host, interfaces.pod],
         ips=[IPConfig(address=ip, interface=1) for ip in ips],
         routes=[Route(dst=dst, gw=gateways[dst.version]) for dst in routes],
         dns=ipam_result.dns,
     )
-    log.info(
-        "Calico CNI ADD complete",
-        extra={"fields": _fields(req, Duration=_since(started), Interface=host_ifname)},
-    )
-    return result
 
 
 def _since(started: float) -> str:
@@ -156,6 +214,7 @@ def _del_stdin(req: Request, conf: NetConf) -> bytes:
 
 
 def cmd_del(req: Request) -> None:
+    """IPAM first (it needs no netns), then the endpoint record, then the pod interface."""
     from cni_plugin import dataplane
 
     started = time.monotonic()
@@ -164,6 +223,12 @@ def cmd_del(req: Request) -> None:
     log.info("Calico CNI DEL", extra={"fields": _fields(req)})
     log.info("Releasing address using handleID", extra={"fields": _fields(req)})
     ipam_exec.exec_plugin(ipam_type, "DEL", req, stdin=_del_stdin(req, conf))
+    with translate_errors():
+        store = _endpoint_store(conf)
+        if store is not None:
+            with store:
+                wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)
+                workload.delete_endpoint(store, wid, req.container_id)
     if req.netns:
         dataplane.teardown_pod(req.netns, req.ifname)
     else:

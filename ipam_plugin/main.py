@@ -10,8 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from cni_plugin import logs, skel
@@ -28,12 +27,9 @@ from cni_plugin.types import (
     Route,
 )
 from ipam_plugin.datastore.base import (
-    DatastoreCorrupt,
-    DatastoreError,
-    DatastoreUnavailable,
     NotFound,
 )
-from ipam_plugin.datastore.config import DatastoreSettings
+from ipam_plugin.datastore.config import DatastoreSettings, translate_errors
 from ipam_plugin.lock import ipam_lock
 
 COMPONENT = "ipam"
@@ -117,23 +113,6 @@ def _is_range_mode(ipam: IPAMConf) -> bool:
     return bool(ipam.raw.get("subnet") or ipam.raw.get("ranges"))
 
 
-@contextmanager
-def _datastore_errors() -> Iterator[None]:
-    """Datastore failures as CNI errors: unreachable is transient (11), corrupt is not."""
-    try:
-        yield
-    except DatastoreCorrupt as err:
-        raise CNIError(
-            ERR_INTERNAL,
-            f"datastore is corrupt: {err}",
-            "move the file aside (a new one is created empty) or restore a backup",
-        ) from err
-    except DatastoreUnavailable as err:
-        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore unavailable: {err}") from err
-    except DatastoreError as err:
-        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore error: {err}") from err
-
-
 def cmd_add(req: Request) -> Result:
     conf, ipam = _load(req)
     who = Attachment.of(req, conf)
@@ -149,9 +128,10 @@ def _pool_add(req: Request, conf: NetConf, ipam: IPAMConf, who: Attachment) -> R
 
     settings = DatastoreSettings.resolve(conf.raw)
     requested_ip = req.args.get("IP", "")
-    with _datastore_errors(), settings.open() as store, _node_lock(conf):
+    with translate_errors(), settings.open() as store, _node_lock(conf):
         engine = IPAM(store)
-        if settings.type == "local":
+        if settings.type != "kubernetes":
+            # No calico/node creates the Node here; in Kubernetes it is the real Node.
             engine.ensure_node(who.node)
         try:
             if requested_ip:
@@ -246,7 +226,7 @@ def cmd_del(req: Request) -> None:
     settings = DatastoreSettings.resolve(conf.raw)
     from ipam_plugin.engine import IPAM
 
-    with _datastore_errors(), settings.open() as store, _node_lock(conf):
+    with translate_errors(), settings.open() as store, _node_lock(conf):
         engine = IPAM(store)
         for handle in (who.handle_id, who.workload_id):
             try:
@@ -274,7 +254,7 @@ def cmd_check(req: Request) -> None:
     else:
         from ipam_plugin.engine import IPAM
 
-        with _datastore_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
+        with translate_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
             try:
                 held = IPAM(store).ips_by_handle(who.handle_id)
             except NotFound:
@@ -302,7 +282,7 @@ def cmd_status(req: Request) -> None:
 
     node = conf.resolve_nodename()
     try:
-        with _datastore_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
+        with translate_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
             pools = [p for p in IPAM(store).pools() if p.is_enabled()]
     except CNIError as err:
         raise CNIError(ERR_NOT_AVAILABLE, err.msg, err.details) from err
@@ -341,7 +321,7 @@ def cmd_gc(req: Request) -> None:
     prefix = f"{conf.name}."
     valid_ids = {container_id for container_id, _ in valid}
     with (
-        _datastore_errors(),
+        translate_errors(),
         DatastoreSettings.resolve(conf.raw).open() as store,
         ipam_lock(conf.ipam_lock_file),
     ):

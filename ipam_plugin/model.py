@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -72,10 +72,12 @@ class IPAMConfigKey:
 
 @dataclass(frozen=True)
 class ResourceKey:
-    """A projectcalico.org/v3 resource, cluster-scoped, e.g. ResourceKey("IPPool", "default")."""
+    """A projectcalico.org/v3 resource, e.g. ResourceKey("IPPool", "default"); namespaced
+    kinds (WorkloadEndpoint) also carry their namespace."""
 
     kind: str
     name: str
+    namespace: str = ""
 
 
 Key = BlockKey | BlockAffinityKey | HandleKey | IPAMConfigKey | ResourceKey
@@ -87,7 +89,10 @@ RESOURCE_PLURALS = {
     "IPReservation": "ipreservations",
     "Node": "nodes",
     "ClusterInformation": "clusterinformations",
+    "WorkloadEndpoint": "workloadendpoints",
+    "Profile": "profiles",
 }
+NAMESPACED_KINDS = frozenset({"WorkloadEndpoint"})
 _KIND_BY_PLURAL = {plural: kind for kind, plural in RESOURCE_PLURALS.items()}
 
 
@@ -113,6 +118,8 @@ def key_path(key: Key) -> str:
             return f"{_IPAM_ROOT}/handle/{handle_id}"
         case IPAMConfigKey():
             return f"{_IPAM_ROOT}/config"
+        case ResourceKey(kind, name, namespace) if kind in NAMESPACED_KINDS:
+            return f"{_RESOURCE_ROOT}/{RESOURCE_PLURALS[kind]}/{namespace}/{name}"
         case ResourceKey(kind, name):
             return f"{_RESOURCE_ROOT}/{RESOURCE_PLURALS[kind]}/{name}"
     raise TypeError(f"not a datastore key: {key!r}")
@@ -123,6 +130,13 @@ def key_from_path(path: str) -> Key | None:
     if path.startswith(_RESOURCE_ROOT + "/"):
         plural, _, name = path[len(_RESOURCE_ROOT) + 1 :].partition("/")
         kind = _KIND_BY_PLURAL.get(plural)
+        if kind in NAMESPACED_KINDS:
+            namespace, _, name = name.partition("/")
+            return (
+                ResourceKey(kind, name, namespace)
+                if namespace and name and "/" not in name
+                else None
+            )
         return ResourceKey(kind, name) if kind and name and "/" not in name else None
     if not path.startswith(_IPAM_ROOT + "/"):
         return None
@@ -659,42 +673,50 @@ class IPReservation:
 
 
 @dataclass
-class Node:
-    """A Calico Node; IPAM needs only its existence and labels, the rest is kept as is."""
+class SpecResource:
+    """A v3 resource whose spec is kept as a plain dict: IPAM reads little of it."""
 
     metadata: ObjectMeta
     spec: dict[str, Any] = field(default_factory=dict)
 
-    kind = "Node"
+    kind: ClassVar[str] = ""
 
     def to_json(self) -> dict[str, Any]:
         return _envelope(self.kind, self.metadata, self.spec)
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Node:
+    def from_json(cls, doc: dict[str, Any]) -> Self:
         return cls(ObjectMeta.from_json(doc.get("metadata") or {}), dict(doc.get("spec") or {}))
 
 
-@dataclass
-class ClusterInformation:
-    """Cluster-wide facts (datastoreReady, clusterGUID, ...)."""
+class Node(SpecResource):
+    """A Calico Node; IPAM needs only its existence and labels."""
 
-    metadata: ObjectMeta
-    spec: dict[str, Any] = field(default_factory=dict)  # datastoreReady, clusterGUID, ...
+    kind = "Node"
+
+
+class ClusterInformation(SpecResource):
+    """Cluster-wide facts (datastoreReady, clusterGUID, ...)."""
 
     kind = "ClusterInformation"
 
-    def to_json(self) -> dict[str, Any]:
-        return _envelope(self.kind, self.metadata, self.spec)
 
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> ClusterInformation:
-        return cls(ObjectMeta.from_json(doc.get("metadata") or {}), dict(doc.get("spec") or {}))
+class WorkloadEndpoint(SpecResource):
+    """What the calico plugin records per pod interface (namespaced; etcd mode)."""
+
+    kind = "WorkloadEndpoint"
 
 
-Resource = IPPool | IPReservation | Node | ClusterInformation
+class Profile(SpecResource):
+    """Policy attached to endpoints; the plugin creates one per network without k8s policy."""
+
+    kind = "Profile"
+
+
+Resource = IPPool | IPReservation | SpecResource
 RESOURCE_TYPES: dict[str, type[Resource]] = {
-    cls.kind: cls for cls in (IPPool, IPReservation, Node, ClusterInformation)
+    cls.kind: cls
+    for cls in (IPPool, IPReservation, Node, ClusterInformation, WorkloadEndpoint, Profile)
 }
 Value = AllocationBlock | BlockAffinity | IPAMHandle | IPAMConfig | Resource
 

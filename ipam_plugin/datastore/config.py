@@ -8,12 +8,18 @@ nothing configured here means the embedded `local` SQLite datastore.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from cni_plugin.types import ERR_INVALID_CONFIG, CNIError
-from ipam_plugin.datastore.base import Datastore
+from cni_plugin.types import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError
+from ipam_plugin.datastore.base import (
+    Datastore,
+    DatastoreCorrupt,
+    DatastoreError,
+    DatastoreUnavailable,
+)
 
 DEFAULT_LOCAL_PATH = "/var/lib/calico/calico.db"
 DEFAULT_ETCD = "http://127.0.0.1:2379"  # libcalico-go's default when no endpoint is set
@@ -79,3 +85,20 @@ class DatastoreSettings:
         endpoints = [Endpoint.parse(url, self.etcd_scheme) for url in urls or [DEFAULT_ETCD]]
         tls = TLSFiles(self.etcd_cert_file, self.etcd_key_file, self.etcd_ca_cert_file)
         return EtcdDatastore(endpoints, tls)
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Datastore failures as CNI errors: unreachable is transient (11), corrupt is not."""
+    try:
+        yield
+    except DatastoreCorrupt as err:
+        raise CNIError(
+            ERR_INTERNAL,
+            f"datastore is corrupt: {err}",
+            "move the file aside (a new one is created empty) or restore a backup",
+        ) from err
+    except DatastoreUnavailable as err:
+        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore unavailable: {err}") from err
+    except DatastoreError as err:
+        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore error: {err}") from err

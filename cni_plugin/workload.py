@@ -1,0 +1,150 @@
+"""What the calico plugin records in an etcd datastore: WorkloadEndpoints and Profiles.
+
+Real Calico writes a WorkloadEndpoint per pod interface, named from its identifiers
+(`libcalico-go/lib/names/workloadendpoint.go`), keeps the active container ID on it so a
+late DEL for an old sandbox cannot delete a live pod's endpoint (calico#1117), and refuses
+ADD while ClusterInformation says the datastore is not ready. In the Kubernetes datastore
+the Pod itself plays the endpoint's part, so none of this applies there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError, IPInterface
+from ipam_plugin.datastore.base import AlreadyExists, Datastore, KVPair, NotFound
+from ipam_plugin.model import (
+    ClusterInformation,
+    ObjectMeta,
+    Profile,
+    ResourceKey,
+    WorkloadEndpoint,
+)
+
+log = logging.getLogger("cni-plugin")
+
+NOT_READY = "Calico is currently not ready to process requests"
+
+
+@dataclass
+class WorkloadID:
+    """The identifiers a WorkloadEndpoint's name is built from."""
+
+    node: str
+    orchestrator: str  # "k8s" or "cni"
+    namespace: str
+    workload: str  # the pod name (k8s) or the container ID (cni)
+    endpoint: str  # the pod's interface name
+
+    @classmethod
+    def of(cls, node: str, args: dict[str, str], container_id: str, ifname: str) -> WorkloadID:
+        namespace, pod = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
+        if namespace and pod:
+            return cls(node, "k8s", namespace, pod, ifname)
+        return cls(node, "cni", "default", container_id, ifname)
+
+    @property
+    def name(self) -> str:
+        """Each segment with `-` doubled, joined by single dashes: node1-k8s-my--pod-eth0."""
+        segments = (self.node, self.orchestrator, self.workload, self.endpoint)
+        return "-".join(s.replace("-", "--") for s in segments)
+
+    @property
+    def key(self) -> ResourceKey:
+        return ResourceKey("WorkloadEndpoint", self.name, self.namespace)
+
+
+def _fields(wid: WorkloadID) -> dict[str, dict[str, str]]:
+    return {"fields": {"WorkloadEndpoint": wid.name}}
+
+
+def require_ready(store: Datastore) -> None:
+    """ClusterInformation `datastoreReady: false` (an upgrade in progress) refuses ADD."""
+    try:
+        info: ClusterInformation = store.get(ResourceKey("ClusterInformation", "default")).value
+    except NotFound:
+        return  # no calico/node writes it here; absent means nobody marked it not ready
+    if info.spec.get("datastoreReady") is False:
+        raise CNIError(ERR_TRY_AGAIN_LATER, NOT_READY)
+
+
+def write_endpoint(
+    store: Datastore,
+    wid: WorkloadID,
+    container_id: str,
+    host_ifname: str,
+    mac: str,
+    ips: list[IPInterface],
+    profiles: list[str],
+) -> None:
+    labels = {
+        "projectcalico.org/namespace": wid.namespace,
+        "projectcalico.org/orchestrator": wid.orchestrator,
+    }
+    spec = {
+        "orchestrator": wid.orchestrator,
+        "node": wid.node,
+        "containerID": container_id,
+        "endpoint": wid.endpoint,
+        "ipNetworks": [str(ip) for ip in ips],
+        "profiles": profiles,
+        "interfaceName": host_ifname,
+        "mac": mac,
+    }
+    if wid.orchestrator == "k8s":
+        spec["pod"] = wid.workload
+    else:
+        spec["workload"] = wid.workload
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    endpoint = WorkloadEndpoint(
+        ObjectMeta(wid.name, labels, {"namespace": wid.namespace, "creationTimestamp": stamp}),
+        spec,
+    )
+    try:
+        store.create(KVPair(wid.key, endpoint))
+    except AlreadyExists:
+        # A kubelet retry of ADD for the same pod: the new sandbox's details win.
+        current = store.get(wid.key)
+        store.update(KVPair(wid.key, endpoint, current.revision))
+    log.info(
+        "Wrote updated endpoint to datastore", extra={"fields": {"WorkloadEndpoint": wid.name}}
+    )
+
+
+def delete_endpoint(store: Datastore, wid: WorkloadID, container_id: str) -> None:
+    """Delete the endpoint unless it belongs to a newer sandbox of the same pod."""
+    try:
+        current = store.get(wid.key)
+    except NotFound:
+        log.warning(
+            "WorkloadEndpoint does not exist", extra={"fields": {"WorkloadEndpoint": wid.name}}
+        )
+        return
+    owner = current.value.spec.get("containerID", "")
+    if owner and owner != container_id:
+        log.warning(
+            "CNI_CONTAINERID does not match the endpoint's container ID: not deleting it",
+            extra={"fields": {"WorkloadEndpoint": wid.name, "EndpointContainerID": owner}},
+        )
+        return
+    with contextlib.suppress(NotFound):
+        store.delete(current)
+
+
+def ensure_profile(store: Datastore, network: str, orchestrator: str) -> None:
+    """The per-network Profile Calico creates when policy.type is empty; never updated."""
+    key = ResourceKey("Profile", network)
+    try:
+        store.get(key)
+        return
+    except NotFound:
+        pass
+    ingress = {"action": "Allow"}
+    if orchestrator != "k8s":
+        ingress["source"] = {"selector": f"has({network})"}
+    spec = {"ingress": [ingress], "egress": [{"action": "Allow"}], "labelsToApply": {network: ""}}
+    with contextlib.suppress(AlreadyExists):
+        store.create(KVPair(key, Profile(ObjectMeta(network), spec)))
