@@ -1,0 +1,262 @@
+"""The calico plugin's etcd datastore as the CNI tests see it: seeded through the library,
+read back as raw keys (what another Calico component would read), checked with the admin
+CLI an operator would run, reached from inside node netns, restarted and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cni_plugin.netns import entered, open_netns
+from ipam_plugin.datastore.base import KVPair, NotFound
+from ipam_plugin.datastore.config import DatastoreSettings
+from ipam_plugin.datastore.etcd import EtcdDatastore
+from ipam_plugin.model import (
+    ClusterInformation,
+    IPPool,
+    IPPoolSpec,
+    ObjectMeta,
+    ResourceKey,
+)
+from tests.etcd_fixture import EtcdCluster, EtcdMember, _spawn, wait_healthy
+from tests.harness import Netns, bin_dir, calico_conf
+
+NETWORK = "k8s-pod-network"
+RESOURCES = "/calico/resources/v3/projectcalico.org"
+ENDPOINTS = f"{RESOURCES}/workloadendpoints/"
+HANDLES = "/calico/ipam/v2/handle/"
+BLOCKS = "/calico/ipam/v2/assignment/"
+
+
+def pod_args(pod: str, namespace: str = "default") -> str:
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
+
+
+def endpoint_key(node: str, pod: str, namespace: str = "default") -> str:
+    """calico-behaviour.md §3.2: dashes doubled in each segment, segments joined by one."""
+    name = "-".join(s.replace("-", "--") for s in (node, "k8s", pod, "eth0"))
+    return f"{ENDPOINTS}{namespace}/{name}"
+
+
+@dataclass
+class EtcdCalico:
+    """One etcd cluster holding Calico's data, and the ways a test reaches it."""
+
+    cluster: EtcdCluster
+    lock_dir: Path
+
+    def conf(self, version: str = "1.0.0", node: str = "node1", **extra: Any) -> dict[str, Any]:
+        """The calico + calico-ipam netconf for `node`; each node has its own IPAM lock."""
+        return calico_conf(
+            version,
+            {"type": "calico-ipam"},
+            nodename=node,
+            ipam_lock_file=str(self.lock_dir / f"ipam-{node}.lock"),
+            **self.cluster.netconf(),
+            **extra,
+        )
+
+    # ---------------------------------------------------------------- seeding
+
+    def open(self) -> EtcdDatastore:
+        store = DatastoreSettings.resolve(self.cluster.netconf(), environ={}).open()
+        assert isinstance(store, EtcdDatastore)
+        return store
+
+    def add_pool(self, name: str, cidr: str, **spec: Any) -> None:
+        pool = IPPool(ObjectMeta(name), IPPoolSpec.from_json({"cidr": cidr, **spec}))
+        with self.open() as store:
+            store.create(KVPair(ResourceKey("IPPool", name), pool))
+
+    def set_datastore_ready(self, ready: bool) -> None:
+        """What calico/node does around an upgrade: ClusterInformation `default`."""
+        key = ResourceKey("ClusterInformation", "default")
+        info = ClusterInformation(ObjectMeta("default"), {"datastoreReady": ready})
+        with self.open() as store:
+            try:
+                current = store.get(key)
+            except NotFound:
+                store.create(KVPair(key, info))
+            else:
+                store.update(KVPair(key, info, current.revision))
+
+    # ------------------------------------------------------------ reading back
+
+    def rows(self, prefix: str = "/calico/") -> dict[str, Any]:
+        """Every key under `prefix` with its JSON value, as stored."""
+        return {key: json.loads(value) for key, value in self.cluster.raw_items(prefix).items()}
+
+    def handles(self) -> list[str]:
+        return sorted(key.removeprefix(HANDLES) for key in self.cluster.raw_items(HANDLES))
+
+    def endpoints(self) -> dict[str, Any]:
+        return self.rows(ENDPOINTS)
+
+    def allocations(self) -> dict[str, str]:
+        """Every allocated address → its handle, over all blocks."""
+        import ipaddress
+
+        owners = {}
+        for block in self.rows(BLOCKS).values():
+            network = ipaddress.ip_network(block["cidr"])
+            for ordinal, index in enumerate(block["allocations"]):
+                if index is not None:
+                    handle = block["attributes"][index]["handle_id"]
+                    owners[str(network[ordinal])] = handle
+        return owners
+
+    def block_affinities(self) -> dict[str, str | None]:
+        """Block CIDR → its `affinity` (`host:<node>`, or None once released)."""
+        return {block["cidr"]: block.get("affinity") for block in self.rows(BLOCKS).values()}
+
+    def assert_nothing_allocated(self) -> None:
+        assert self.allocations() == {}
+        assert self.handles() == []
+        assert self.endpoints() == {}
+
+    # ---------------------------------------------------------- the admin CLI
+
+    def ctl(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """`calico <argv>` with calicoctl's environment pointing at this etcd."""
+        env = {k: v for k, v in os.environ.items() if k not in ("CNI_COMMAND",)}
+        env.update(DATASTORE_TYPE="etcdv3", ETCD_ENDPOINTS=self.cluster.endpoints)
+        if self.cluster.tls:
+            env.update(
+                ETCD_CA_CERT_FILE=self.cluster.tls.ca_cert,
+                ETCD_CERT_FILE=self.cluster.tls.client_cert,
+                ETCD_KEY_FILE=self.cluster.tls.client_key,
+            )
+        return subprocess.run(
+            [str(bin_dir() / "calico"), *argv],
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def assert_ipam_consistent(self) -> None:
+        """`calico ipam check` finds no leaked IP, miscounted handle or stray affinity."""
+        check = self.ctl("ipam", "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "Check complete; found 0 problems." in check.stdout
+
+
+def restart(cluster: EtcdCluster, member: EtcdMember) -> None:
+    """Start a stopped member again on its own data dir and ports (the flags naming the
+    initial cluster are ignored once the data dir exists)."""
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster.members)
+    _spawn(member, initial, f"test-{cluster.members[0].client_port}", cluster.tls)
+    wait_healthy(member, cluster.tls)
+
+
+def kv_requests(member: EtcdMember) -> int:
+    """Requests etcd's KV service has handled, from its own Prometheus metrics: every
+    gateway POST becomes exactly one gRPC Range or Txn, so a difference is round trips."""
+    conn = http.client.HTTPConnection("127.0.0.1", member.client_port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("grpc_server_handled_total{")
+        and 'grpc_service="etcdserverpb.KV"' in line
+    )
+
+
+@dataclass
+class LoopbackRelay:
+    """Makes etcd's 127.0.0.1:<port> reachable on 127.0.0.1:<port> inside node netns.
+
+    The plugin runs inside a node netns, whose loopback is not the test's; a listening
+    socket created while a thread is inside the node netns stays there, and the relay
+    copies bytes to the test's loopback. Same address and port, so netconf endpoints and
+    the TLS server name work unchanged. When etcd is down the relay resets the accepted
+    connection, which the plugin meets as a refused/broken connection.
+    """
+
+    ports: list[int]
+    netns_paths: list[str]
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> LoopbackRelay:
+        listeners = [self._listen(path, port) for path in self.netns_paths for port in self.ports]
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(listeners, ready), daemon=True)
+        self._thread.start()
+        ready.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        assert self._thread is not None
+        self._thread.join()
+
+    @staticmethod
+    def _listen(netns_path: str, port: int) -> socket.socket:
+        fd = open_netns(netns_path)
+        try:
+            with entered(fd):
+                listener = socket.create_server(("127.0.0.1", port), backlog=512)
+        finally:
+            os.close(fd)
+        listener.setblocking(False)
+        return listener
+
+    def _serve(self, listeners: list[socket.socket], ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        servers = [
+            self._loop.run_until_complete(
+                asyncio.start_server(self._relay_to(sock.getsockname()[1]), sock=sock)
+            )
+            for sock in listeners
+        ]
+        ready.set()
+        self._loop.run_forever()
+        for server in servers:
+            server.close()
+        self._loop.close()
+
+    @staticmethod
+    def _relay_to(port: int) -> Any:
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                writer.transport.abort()  # a reset: as close to "refused" as a relay gets
+                return
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+        return relay
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy until either side ends, then end the other (keep-alive ends with etcd)."""
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+@contextlib.contextmanager
+def reachable_from(cluster: EtcdCluster, *netns: Netns) -> Iterator[None]:
+    """While open, every member of `cluster` answers on its own address inside `netns`."""
+    ports = [member.client_port for member in cluster.members]
+    with LoopbackRelay(ports, [ns.path for ns in netns]):
+        yield
