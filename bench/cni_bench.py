@@ -472,6 +472,7 @@ def testbed(variants: list[Variant], bins: Path) -> Iterator[Testbed]:
         for path in state.values():
             path.mkdir()
         node = Node.create(cni_path)
+        print(f"node netns {node.netns.name}, fabric {node.fabric.name}", file=sys.stderr)
         bed = Testbed(node, cni_path, state, {v.key: v.netconf(state[v.key]) for v in variants})
         stack.callback(bed.cleanup)
         stack.enter_context(inside_netns(node.netns.path))
@@ -635,6 +636,9 @@ def main(argv: list[str]) -> int:
     except BenchFailure as err:
         print(f"cni_bench: FAILED: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ncni_bench: interrupted; everything it created is removed", file=sys.stderr)
+        return 130
     report = build_report(variants, samples, bursts, settings)
     report.print()
     print(f"\nwritten to {report.write('cni')}")

@@ -227,6 +227,9 @@ def main(argv: list[str]) -> int:
     except BenchFailure as err:
         print(f"ipam_bench: FAILED: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nipam_bench: interrupted; everything it created is removed", file=sys.stderr)
+        return 130
     report = build_report(results, settings)
     report.print()
     print(f"\nwritten to {report.write('ipam')}")
