@@ -14,7 +14,23 @@ from contextlib import contextmanager
 
 from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError
 
-_POLL_S = 0.01
+
+def acquire_flock(fd: int, timeout: float) -> bool:
+    """Take an exclusive flock on fd, polling with back-off; False if `timeout` passed.
+
+    Polled rather than blocking so the wait is bounded (flock has no timeout of its own).
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 @contextmanager
@@ -25,19 +41,12 @@ def ipam_lock(path: str, timeout: float) -> Iterator[None]:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise CNIError(
-                        ERR_TRY_AGAIN_LATER,
-                        f"timed out after {timeout:.0f}s waiting for the IPAM lock {path}",
-                        f"held by {lock_holder(fd)}",
-                    ) from None
-                time.sleep(_POLL_S)
+        if not acquire_flock(fd, timeout):
+            raise CNIError(
+                ERR_TRY_AGAIN_LATER,
+                f"timed out after {timeout:g}s waiting for the IPAM lock {path}",
+                f"held by {lock_holder(fd)}",
+            )
         yield
     finally:
         os.close(fd)  # closing the fd drops the flock

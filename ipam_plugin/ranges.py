@@ -9,14 +9,14 @@ plugins `flock` exclusively around each range set's allocation, each release and
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from ipam_plugin.lock import acquire_flock, lock_holder
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -312,19 +312,11 @@ class RangeStore:
             os.close(fd)  # closing the descriptor releases the flock
 
     def _acquire(self, fd: int) -> None:
-        deadline = time.monotonic() + self.timeout
-        pause = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockTimeout(
-                        f"timed out after {self.timeout:g}s waiting for lock {self.lock_path}"
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+        if not acquire_flock(fd, self.timeout):
+            raise LockTimeout(
+                f"timed out after {self.timeout:g}s waiting for lock {self.lock_path} "
+                f"(held by {lock_holder(fd)})"
+            )
 
     def reserve(self, ip: IPAddress, owner_key: str, range_set_index: int) -> bool:
         """Claim `ip` with an O_EXCL create; False if it is already taken."""
