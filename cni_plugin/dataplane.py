@@ -50,17 +50,16 @@ _V6_LL_INTERVAL_S = 0.05
 
 
 def host_veth_name(args: dict[str, str], container_id: str) -> str:
-    """`cali` + sha1("<ns>.<pod>")[:11] for Kubernetes pods, else `cali` + container ID[:11].
+    """Felix's prefix + sha1("<ns>.<pod>")[:11] for Kubernetes pods, else `cali` + the
+    container ID's first 11 characters.
 
     Felix computes the same name, so this must match real Calico exactly.
     """
-    prefix = os.environ.get("FELIX_INTERFACEPREFIX", "").split(",")[0] or DEFAULT_PREFIX
     namespace, pod = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
     if namespace and pod:
-        suffix = hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()
-    else:
-        suffix = container_id
-    return (prefix + suffix)[:15]
+        prefix = os.environ.get("FELIX_INTERFACEPREFIX", "").split(",")[0] or DEFAULT_PREFIX
+        return prefix + hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()[:11]
+    return DEFAULT_PREFIX + container_id[:11]
 
 
 @dataclass
