@@ -476,32 +476,37 @@ def test_report_add_cost_and_round_trips(
     """Measured, not asserted: ADD p50 on etcd and on the local datastore, and etcd's own
     count of KV requests (Range/Txn) per ADD and per DEL. Run with -s to see it."""
     local = LocalStore(str(tmp_path / "calico.db"))
-    local.add_pool("default-ipv4-ippool", "10.244.0.0/16")
-    local_conf = calico_conf(
-        "1.0.0",
-        {"type": "calico-ipam"},
-        local_datastore_path=local.path,
-        ipam_lock_file=str(tmp_path / "local.lock"),
-    )
+    local.add_pool("local-pool", "10.246.0.0/16")  # beside etcd's on the same node
+    confs = {
+        "etcd": calico_etcd.conf(),
+        "local": calico_conf(
+            "1.0.0",
+            {"type": "calico-ipam"},
+            local_datastore_path=local.path,
+            ipam_lock_file=str(tmp_path / "local.lock"),
+        ),
+    }
     member = calico_etcd.cluster.members[0]
     count = 20
-    seconds: dict[str, list[float]] = {"etcd": [], "local": []}
+    pods = {(store, i): node.new_pod() for store in confs for i in range(count)}
+    seconds: dict[str, list[float]] = {store: [] for store in confs}
     trips: dict[str, list[int]] = {"ADD": [], "DEL": []}
-    pods = [node.new_pod() for _ in range(count)]
-    for i, pod in enumerate(pods):  # interleaved, so background load hits both alike
-        for store, conf in (("etcd", calico_etcd.conf()), ("local", local_conf)):
-            name = f"{store}-{i}"
-            before = kv_requests(member)
-            started = time.monotonic()
-            result = add_pod(node, conf, pod if store == "etcd" else node.new_pod(), name)
-            seconds[store].append(time.monotonic() - started)
-            assert result.code == 0, result
-            if store == "etcd":
-                trips["ADD"].append(kv_requests(member) - before)
-    for i, pod in enumerate(pods):
+
+    def counted(command: str, store: str, i: int) -> None:
         before = kv_requests(member)
-        assert del_pod(node, calico_etcd.conf(), pod, f"etcd-{i}").code == 0
-        trips["DEL"].append(kv_requests(member) - before)
+        started = time.monotonic()
+        result = run_pod(node, command, confs[store], pods[store, i], f"{store}-{i}")
+        elapsed = time.monotonic() - started
+        assert result.code == 0, result
+        if command == "ADD":
+            seconds[store].append(elapsed)
+        if store == "etcd":
+            trips[command].append(kv_requests(member) - before)
+
+    for command in ("ADD", "DEL"):
+        for i in range(count):  # interleaved, so background load hits both alike
+            for store in confs:
+                counted(command, store, i)
 
     p50 = {store: statistics.median(s) * 1000 for store, s in seconds.items()}
     print(
@@ -511,3 +516,4 @@ def test_report_add_cost_and_round_trips(
     )
     assert min(trips["ADD"]) > 0 and min(trips["DEL"]) > 0
     calico_etcd.assert_nothing_allocated()
+    assert local.handles() == []
