@@ -1,7 +1,7 @@
 """Choosing and opening the datastore, the way calicoctl and the CNI plugin choose it.
 
 Netconf keys win, then the environment (`DATASTORE_TYPE`, `LOCAL_DATASTORE_PATH`,
-`ETCD_ENDPOINTS`, ...). Unlike real Calico, where nothing configured means Kubernetes,
+`ETCD_ENDPOINTS`, `KUBECONFIG`, ...). Unlike real Calico, where nothing configured means Kubernetes,
 nothing configured here means the embedded `local` SQLite datastore.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cni_plugin.types import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError
@@ -41,6 +41,10 @@ class DatastoreSettings:
     etcd_key_file: str = ""
     etcd_cert_file: str = ""
     etcd_ca_cert_file: str = ""
+    # The netconf's `kubernetes` and `policy` sections and the environment: the Kubernetes
+    # client resolves its kubeconfig and overrides from them (k8s_client.KubeAccess).
+    kube_conf: dict[str, Any] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def resolve(
@@ -60,6 +64,8 @@ class DatastoreSettings:
             local_path=_setting(conf, env, "local_datastore_path") or DEFAULT_LOCAL_PATH,
             etcd_endpoints=endpoints,
             **{name: _setting(conf, env, name) for name in _ETCD_TLS_SETTINGS},
+            kube_conf={k: conf[k] for k in ("kubernetes", "policy", "kubeconfig") if k in conf},
+            environ=env,
         )
 
     def open(self) -> Datastore:
@@ -71,11 +77,7 @@ class DatastoreSettings:
             return LocalDatastore(self.local_path)
         if self.type == "etcdv3":
             return self._open_etcd()
-        raise CNIError(
-            ERR_INVALID_CONFIG,
-            f"datastore_type {self.type} is not supported by this build yet",
-            "use datastore_type local (the default) or etcdv3",
-        )
+        return self._open_kubernetes()
 
     def _open_etcd(self) -> Datastore:
         """Connects lazily: the first request reaches the first endpoint that answers."""
@@ -85,6 +87,14 @@ class DatastoreSettings:
         endpoints = [Endpoint.parse(url, self.etcd_scheme) for url in urls or [DEFAULT_ETCD]]
         tls = TLSFiles(self.etcd_cert_file, self.etcd_key_file, self.etcd_ca_cert_file)
         return EtcdDatastore(endpoints, tls)
+
+
+    def _open_kubernetes(self) -> Datastore:
+        """Connects lazily; credentials from the kubeconfig and overrides (k8s_client.py)."""
+        from ipam_plugin.datastore.k8s_client import open_client
+        from ipam_plugin.datastore.kubernetes import KubernetesDatastore
+
+        return KubernetesDatastore(open_client(self.kube_conf, self.environ))
 
 
 @contextmanager

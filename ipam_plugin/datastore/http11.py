@@ -1,0 +1,121 @@
+"""A minimal HTTP/1.1 client connection on a plain socket (optionally TLS), keep-alive.
+
+`http.client` would pull in `email.parser` and friends on every CNI invocation (tens of
+milliseconds, see k8s_client.py); the API servers this talks to frame every response with
+Content-Length or chunked encoding, which is all this handles.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
+
+_MAX_HEADER_LINES = 100
+_MAX_LINE = 65537
+
+
+class BadResponse(Exception):
+    """The peer sent something that is not an HTTP/1.1 response we can frame."""
+
+
+@dataclass
+class Response:
+    """Status, lower-cased headers and the whole body of one response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Connection:
+    """One open HTTP/1.1 connection; `keep_alive` is False once the peer said it closes."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        connect_timeout: float,
+        request_timeout: float,
+        server_hostname: str | None = None,
+    ) -> None:
+        sock = socket.create_connection((host, port), connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                sock.settimeout(connect_timeout)  # the handshake counts as connecting
+                sock = tls.wrap_socket(sock, server_hostname=server_hostname or host)
+            sock.settimeout(request_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        self._host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.keep_alive = True
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> Response:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self._host}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(body)}")
+        self._sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        status = self._status_line()
+        reply_headers = self._headers()
+        if reply_headers.get("transfer-encoding", "").lower() == "chunked":
+            reply = self._chunked_body()
+        elif "content-length" in reply_headers:
+            reply = self._exactly(int(reply_headers["content-length"]))
+        elif status in (204, 304) or method == "HEAD":
+            reply = b""
+        else:
+            raise BadResponse("response without a length")
+        self.keep_alive = reply_headers.get("connection", "").lower() != "close"
+        return Response(status, reply_headers, reply)
+
+    def _line(self) -> bytes:
+        line = self._reader.readline(_MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise BadResponse("connection closed mid-response")
+        return line.rstrip(b"\r\n")
+
+    def _status_line(self) -> int:
+        version, _, rest = self._line().partition(b" ")
+        if not version.startswith(b"HTTP/1."):
+            raise BadResponse(f"not an HTTP response: {version[:40]!r}")
+        return int(rest[:3])
+
+    def _headers(self) -> dict[str, str]:
+        headers = {}
+        for _ in range(_MAX_HEADER_LINES):
+            line = self._line()
+            if not line:
+                return headers
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        raise BadResponse("too many header lines")
+
+    def _chunked_body(self) -> bytes:
+        chunks = []
+        while size := int(self._line().split(b";", 1)[0], 16):
+            chunks.append(self._exactly(size))
+            self._line()
+        while self._line():  # trailers
+            pass
+        return b"".join(chunks)
+
+    def _exactly(self, size: int) -> bytes:
+        data = self._reader.read(size)
+        if len(data) != size:
+            raise BadResponse("connection closed mid-body")
+        return data
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
