@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cni_plugin import ctl_commands, ctl_ipam
+    from cni_plugin import agent, ctl_commands, ctl_ipam
 
     parser = _Parser(
         prog="calico",
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         datastore,
     )
     ctl_ipam.register(sub.add_parser("ipam", help="inspect and repair IP address use"), datastore)
+    agent.register(sub.add_parser("agent", help="run the node agent that serves CNI requests"))
     return parser
 
 

@@ -4,34 +4,84 @@ As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin, ot
 the `calico` plugin, which without CNI_COMMAND is the admin CLI. The launcher scripts in
 dist/bin pass the name they were invoked as in CALICO_EXEC_NAME, because the PyInstaller
 bundle itself always sees its own name.
+
+A CNI invocation first tries the node agent (agent_client, builtins only); when none
+answers, this process does the whole job, importing only what the verb needs. Nothing
+but builtins may be imported at module level here.
 """
 
-from __future__ import annotations
-
-import os
+import posix
 import sys
+
+from cni_plugin import agent_client
 
 IPAM_NAME = "calico-ipam"
 
 
 def role() -> str:
-    return os.environ.get("CALICO_EXEC_NAME") or os.path.basename(sys.argv[0])
+    return agent_client.exec_name()
+
+
+def load_role(name: str) -> tuple[str, dict]:
+    """The logging component and the verb handlers of the `calico` or `calico-ipam` role."""
+    if name == IPAM_NAME:
+        from ipam_plugin.main import COMPONENT, HANDLERS
+    else:
+        from cni_plugin.plugin import COMPONENT, HANDLERS
+    return COMPONENT, HANDLERS
+
+
+def run_standalone(name: str, stdin: bytes | None = None) -> int:
+    """The whole invocation in this process (`stdin` when it was already read)."""
+    from cni_plugin import logs, skel
+
+    component, handlers = load_role(name)
+    logs.setup(component)
+    return skel.run(handlers, stdin=stdin)
+
+
+def recover_lost_add(name: str, stdin: bytes) -> int:
+    """The agent took an ADD and went away without answering: it may have done any part of
+    it. Undo it with a DEL (idempotent) and tell the runtime to retry (code 11), rather than
+    redo it here and risk a second allocation."""
+    import os
+
+    from cni_plugin import logs, skel
+    from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError
+
+    component, handlers = load_role(name)
+    log = logs.setup(component)
+    environ = dict(os.environ)
+    undo = skel.execute(handlers, {**environ, "CNI_COMMAND": "DEL"}, lambda: stdin)
+    undone = "undone" if undo.code == 0 else f"undo failed: {undo.stdout.decode().strip()}"
+    log.error("the calico node agent went away during ADD; %s", undone)
+
+    def try_again(req: skel.Request) -> None:
+        raise CNIError(
+            ERR_TRY_AGAIN_LATER,
+            "the calico node agent went away while handling ADD; try again",
+            f"partial work {undone}",
+        )
+
+    return skel.run({"ADD": try_again}, environ, stdin)
 
 
 def main() -> None:
-    if role() == IPAM_NAME:
-        from ipam_plugin.main import main as ipam_main
-
-        sys.exit(ipam_main())
-    if not os.environ.get("CNI_COMMAND"):
+    name = role()
+    command = posix.environ.get(b"CNI_COMMAND")
+    if name != IPAM_NAME and not command:
         from cni_plugin.cli import main as cli_main
 
         sys.exit(cli_main(sys.argv[1:]))
-    from cni_plugin import logs, skel
-    from cni_plugin.plugin import COMPONENT, HANDLERS
-
-    logs.setup(COMPONENT)
-    sys.exit(skel.run(HANDLERS))
+    stdin = None
+    if command:
+        handoff = agent_client.hand_off(name.encode())
+        if handoff.code is not None:
+            posix._exit(handoff.code)  # everything went out through posix.write already
+        if handoff.lost and command == b"ADD":
+            sys.exit(recover_lost_add(name, handoff.stdin or b""))
+        stdin = handoff.stdin
+    sys.exit(run_standalone(name, stdin))
 
 
 if __name__ == "__main__":

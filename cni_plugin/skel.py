@@ -60,6 +60,8 @@ class Request:
     path: list[str] = field(default_factory=list)
     stdin: bytes = b""
     config: dict[str, Any] = field(default_factory=dict)
+    # The caller's whole environment: in the node agent it is not this process's.
+    environ: dict[str, str] = field(default_factory=dict)
 
     @property
     def cni_version(self) -> str:
@@ -117,7 +119,7 @@ def _read_env(environ: dict[str, str]) -> Request:
     command = environ.get("CNI_COMMAND", "")
     if command not in COMMANDS:
         raise CNIError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {command}")
-    req = Request(command=command)
+    req = Request(command=command, environ=environ)
     missing = []
     for var, needed_by in _REQUIRED_ENV.items():
         value = environ.get(var, "")
@@ -188,7 +190,8 @@ def _version_document(stdin: bytes) -> dict[str, Any]:
     return {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-def _read_stdin() -> bytes:
+def read_stdin() -> bytes:
+    """This process's stdin, as the plugin reads it (a terminal counts as empty)."""
     if os.isatty(0):
         return b""
     try:
@@ -197,41 +200,65 @@ def _read_stdin() -> bytes:
         raise CNIError(ERR_IO, f"error reading from stdin: {exc}") from exc
 
 
-def write_json(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
+@dataclass
+class Outcome:
+    """What one invocation hands back to its caller: exit code and stdout bytes."""
+
+    code: int
+    stdout: bytes
 
 
-def run(handlers: dict[str, Handler], environ: dict[str, str] | None = None) -> int:
-    """Run one CNI invocation; returns the process exit code.
+def _json_line(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc) + "\n").encode()
 
-    Errors that escape the handlers as anything but CNIError are reported as code 999
-    with their message, never as a traceback.
+
+def execute(
+    handlers: dict[str, Handler], environ: dict[str, str], stdin: Callable[[], bytes]
+) -> Outcome:
+    """Run one CNI invocation without touching process globals, so threads can share a process.
+
+    `stdin` is called only once the environment is valid, as Go's skel reads it. Errors
+    that escape the handlers as anything but CNIError are reported as code 999 with their
+    message, never as a traceback.
     """
-    environ = dict(os.environ) if environ is None else environ
     req = Request(command="")
     try:
         req = _read_env(environ)
         if req.command == "VERSION":
-            write_json(_version_document(_read_stdin()))
-            return 0
-        _decode_config(req, _read_stdin())
+            return Outcome(0, _json_line(_version_document(stdin())))
+        _decode_config(req, stdin())
         if req.command in ("ADD", "DEL", "CHECK"):
             guard_own_netns(req.netns, environ)
         result = handlers[req.command](req)
-        if result is not None:
-            write_json(result.to_version(req.cni_version))
-        return 0
+        out = b"" if result is None else _json_line(result.to_version(req.cni_version))
+        return Outcome(0, out)
     except CNIError as err:
-        write_json(err.to_dict(_error_version(req)))
-        return 1
+        return Outcome(1, _json_line(err.to_dict(_error_version(req))))
     except Exception as exc:  # the last resort: a CNI error, never a traceback
         import logging
 
         logging.getLogger("cni").exception("unexpected error")
         error = CNIError(ERR_INTERNAL, str(exc) or type(exc).__name__)
-        write_json(error.to_dict(_error_version(req)))
-        return 1
+        return Outcome(1, _json_line(error.to_dict(_error_version(req))))
+
+
+def run(
+    handlers: dict[str, Handler],
+    environ: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+) -> int:
+    """Run one invocation as this process (stdin, stdout); returns the exit code.
+
+    `stdin` is given when the caller has already read it (a node agent that went away).
+    """
+    outcome = execute(
+        handlers,
+        dict(os.environ) if environ is None else environ,
+        read_stdin if stdin is None else lambda: stdin,
+    )
+    sys.stdout.buffer.write(outcome.stdout)
+    sys.stdout.flush()
+    return outcome.code
 
 
 def _error_version(req: Request) -> str:
