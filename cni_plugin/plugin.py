@@ -7,12 +7,13 @@ interface. CHECK, STATUS and GC are real (Calico's own plugin has none of them).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from cni_plugin import ipam_exec, logs, workload
+from cni_plugin import ipam_exec, k8s, logs, workload
 from cni_plugin.netconf import NetConf
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -25,10 +26,11 @@ from cni_plugin.types import (
     Route,
 )
 from cni_plugin.workload import WorkloadID
-from ipam_plugin.datastore.config import translate_errors
+from ipam_plugin.datastore.config import DatastoreSettings, translate_errors
 
 if TYPE_CHECKING:
     from ipam_plugin.datastore.base import Datastore
+    from ipam_plugin.datastore.k8s_client import KubeClient
 
 COMPONENT = "cni-plugin"
 DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -65,17 +67,6 @@ def _ipam_type(conf: NetConf) -> str:
     return conf.ipam.type
 
 
-def _refuse_pod_cidr(conf: NetConf) -> None:
-    """usePodCidr needs the node's spec.podCIDRs, which only the Kubernetes datastore has."""
-    if conf.ipam is not None and conf.ipam.uses_pod_cidr():
-        raise CNIError(
-            ERR_INVALID_CONFIG,
-            f'ipam subnet "{conf.ipam.subnet or "usePodCidr"}" needs the node\'s podCIDRs from '
-            "the Kubernetes datastore, which this build does not support yet",
-            "give ipam.subnet as a CIDR, or use calico-ipam with IP pools",
-        )
-
-
 def pod_routes(conf: NetConf, families: set[int]) -> list[IPNetwork]:
     """host-local's custom `ipam.routes` (gateway ignored), else the default routes."""
     custom = [
@@ -93,13 +84,21 @@ def _narrow(ip: Any) -> Any:
     return ipaddress.ip_interface(f"{ip.ip}/{ip.max_prefixlen}")
 
 
-def _endpoint_store(conf: NetConf) -> Datastore | None:
+def _endpoint_store(settings: DatastoreSettings) -> Datastore | None:
     """The datastore the plugin records endpoints in: etcd only, as in real Calico (in the
     Kubernetes datastore the Pod is the endpoint; the local one is IPAM's own)."""
-    from ipam_plugin.datastore.config import DatastoreSettings
-
-    settings = DatastoreSettings.resolve(conf.raw)
     return settings.open() if settings.type == "etcdv3" else None
+
+
+def _kube_client(conf: NetConf, req: Request, settings: DatastoreSettings) -> KubeClient | None:
+    """The API-server client when this call needs one: the Kubernetes datastore,
+    `policy.type: k8s`, or host-local with usePodCidr (calico-ipam resolves its own)."""
+    pod_cidr = (
+        conf.ipam is not None and conf.ipam.type == "host-local" and conf.ipam.uses_pod_cidr()
+    )
+    if settings.type == "kubernetes" or conf.policy_type == "k8s" or pod_cidr:
+        return k8s.client_for(conf, req)
+    return None
 
 
 def _profiles(conf: NetConf, wid: WorkloadID) -> list[str]:
@@ -113,20 +112,23 @@ def cmd_add(req: Request) -> Result:
     conf = _load(req)
     conf.require_nodename_file()
     ipam_type = _ipam_type(conf)
-    _refuse_pod_cidr(conf)
     mtu = conf.resolve_mtu()
     host_ifname = dataplane.host_veth_name(req.args, req.container_id)
     wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)
     log.info("Calico CNI ADD", extra={"fields": _fields(req, Node=wid.node)})
-    with translate_errors():
-        store = _endpoint_store(conf)
-        try:
-            if store is not None:
-                workload.require_ready(store)
-            result = _add_with_ipam(req, conf, ipam_type, host_ifname, mtu, store, wid)
-        finally:
-            if store is not None:
-                store.close()
+    settings = DatastoreSettings.resolve(conf.raw, req.environ or None)
+    with translate_errors(), contextlib.ExitStack() as cleanup:
+        store = _endpoint_store(settings)
+        kube = _kube_client(conf, req, settings)
+        for opened in (store, kube):
+            if opened is not None:
+                cleanup.callback(opened.close)
+        if store is not None:
+            workload.require_ready(store)
+        pod_add = None
+        if kube is not None:
+            pod_add = k8s.PodAdd.prepare(conf, req, kube, kdd=settings.type == "kubernetes")
+        result = _add_with_ipam(req, conf, ipam_type, host_ifname, mtu, store, wid, pod_add)
     log.info(
         "Calico CNI ADD complete",
         extra={"fields": _fields(req, Duration=_since(started), Interface=host_ifname)},
@@ -142,11 +144,18 @@ def _add_with_ipam(
     mtu: int,
     store: Datastore | None,
     wid: WorkloadID,
+    pod_add: k8s.PodAdd | None,
 ) -> Result:
     """Everything after IPAM ADD is undone (addresses released) when any step fails."""
     from cni_plugin import dataplane
 
-    ipam_result = ipam_exec.add(ipam_type, req, conf.cni_version)
+    ipam_req = pod_add.ipam_request(req) if pod_add else req
+    static = pod_add.plan.static if pod_add else []
+    if static:
+        log.info("Using ipAddrsNoIpam addresses: %s", [str(ip) for ip in static])
+        ipam_result = Result(ips=[IPConfig(address=ip) for ip in static])
+    else:
+        ipam_result = ipam_exec.add(ipam_type, ipam_req, conf.cni_version)
     try:
         ips = [_narrow(ipc.address) for ipc in ipam_result.ips]
         routes = pod_routes(conf, {ip.version for ip in ips})
@@ -165,6 +174,12 @@ def _add_with_ipam(
                 allow_ip_forwarding=conf.allow_ip_forwarding,
             )
         )
+        if pod_add is not None:
+            try:
+                pod_add.record(req.container_id, ips)
+            except BaseException:
+                dataplane.teardown_pod(req.netns, req.ifname)
+                raise
         if store is not None:
             try:
                 if not conf.policy_type:
@@ -183,7 +198,8 @@ def _add_with_ipam(
                 raise
     except BaseException as exc:
         log.error("ADD failed after IPAM allocated addresses, releasing them: %s", exc)
-        ipam_exec.release_after_failure(ipam_type, req)
+        if not static:
+            ipam_exec.release_after_failure(ipam_type, ipam_req)
         raise
     gateways = {4: dataplane.GATEWAY_V4, 6: dataplane.GATEWAY_V6}
     return Result(
@@ -221,10 +237,16 @@ def cmd_del(req: Request) -> None:
     conf = _load(req)
     ipam_type = _ipam_type(conf)
     log.info("Calico CNI DEL", extra={"fields": _fields(req)})
+    settings = DatastoreSettings.resolve(conf.raw, req.environ or None)
+    pod = req.args.get("K8S_POD_NAME")
+    if settings.type == "kubernetes" and pod:
+        # First, as Calico does: a DEL that cannot reach the API server changes nothing.
+        with translate_errors(), k8s.client_for(conf, req) as kube:
+            k8s.release_pod_ips(kube, req.args.get("K8S_POD_NAMESPACE", ""), pod, req.container_id)
     log.info("Releasing address using handleID", extra={"fields": _fields(req)})
     ipam_exec.exec_plugin(ipam_type, "DEL", req, stdin=_del_stdin(req, conf))
     with translate_errors():
-        store = _endpoint_store(conf)
+        store = _endpoint_store(settings)
         if store is not None:
             with store:
                 wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)

@@ -7,6 +7,7 @@ datastore under the node-wide lock. Range mode keeps host-local's on-disk format
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -95,13 +96,6 @@ def _load(req: Request) -> tuple[NetConf, IPAMConf]:
         raise CNIError(
             ERR_INVALID_CONFIG, "invalid network config: ipam: missing IPAM configuration"
         )
-    if conf.ipam.uses_pod_cidr():
-        raise CNIError(
-            ERR_INVALID_CONFIG,
-            "usePodCidr needs the node's spec.podCIDRs from the Kubernetes datastore, "
-            "which this build does not support yet",
-            "give ipam.subnet or ipam.ranges as CIDRs, or use Calico IP pools",
-        )
     return conf, conf.ipam
 
 
@@ -119,8 +113,21 @@ def cmd_add(req: Request) -> Result:
     if _is_range_mode(ipam):
         from ipam_plugin import range_mode
 
+        if ipam.uses_pod_cidr():
+            conf = _with_pod_cidrs(req, conf)
         return range_mode.add(req, conf, who)
     return _pool_add(req, conf, ipam, who)
+
+
+def _with_pod_cidrs(req: Request, conf: NetConf) -> NetConf:
+    """usePodCidr / usePodCidrIPv6 replaced by the Kubernetes Node's spec.podCIDRs (only
+    ADD needs the ranges: DEL, CHECK and GC find addresses by container ID)."""
+    from cni_plugin import k8s
+
+    assert conf.ipam is not None
+    with translate_errors(), k8s.client_for(conf, req) as client:
+        ipam = k8s.resolve_pod_cidrs(conf, client)
+    return dataclasses.replace(conf, ipam=IPAMConf(conf.ipam.type, ipam))
 
 
 def _pool_add(req: Request, conf: NetConf, ipam: IPAMConf, who: Attachment) -> Result:

@@ -61,6 +61,14 @@ MISSING_RIGHTS_HINT = (
 )
 
 
+class Invalid(DatastoreError):
+    """422: the API server refused the object; `fields` names what it refused."""
+
+    def __init__(self, message: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 class KubeconfigError(DatastoreUnavailable):
     """The kubeconfig is missing or unusable (transient while the installer writes it)."""
 
@@ -366,6 +374,9 @@ class KubeClient:
         if reply.status == 409:
             exists = status.get("reason") == "AlreadyExists"
             return (AlreadyExists if exists else Conflict)(f"{what}: {message}")
+        if reply.status == 422:
+            causes = (status.get("details") or {}).get("causes") or []
+            return Invalid(f"{what}: {message}", [str(c.get("field", "")) for c in causes])
         if reply.status in (401, 403):
             # An API server with anonymous access on answers a rejected token with a 403
             # for system:anonymous: to the operator that is the same stale credential.

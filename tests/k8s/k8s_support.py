@@ -3,14 +3,21 @@ Calico's objects between tests, and the CRD objects read back as an operator see
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import subprocess
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ipam_plugin.datastore.k8s_client import KubeAccess, KubeClient
 from ipam_plugin.datastore.kubernetes import KubernetesDatastore
+from tests.etcd.cni_support import LoopbackRelay
+from tests.harness import Node, bin_dir, calico_conf
 from tests.k8s.fixture import KubeCluster, apiserver_available, kube_apiserver
 
 CRD_V1 = "/apis/crd.projectcalico.org/v1"
@@ -70,4 +77,87 @@ def add_pool(cluster: KubeCluster, name: str, cidr: str, **spec: Any) -> None:
             "metadata": {"name": name},
             "spec": {"cidr": cidr, **spec},
         },
+    )
+
+
+# --------------------------------------------------------- CNI on simulated nodes
+
+NETWORK = "k8s-pod-network"
+POD_IP = "cni.projectcalico.org/podIP"
+POD_IPS = "cni.projectcalico.org/podIPs"
+CONTAINER_ID = "cni.projectcalico.org/containerID"
+
+
+@contextlib.contextmanager
+def reachable_from(cluster: KubeCluster, *nodes: Node) -> Iterator[None]:
+    """While open, the API server answers on its own 127.0.0.1:<port> inside each node
+    netns (the kubeconfig's server URL and the TLS name work unchanged)."""
+    port = int(cluster.server.rsplit(":", 1)[1])
+    with LoopbackRelay([port], [node.netns.path for node in nodes]):
+        yield
+
+
+def container_id() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def pod_args(namespace: str, pod: str) -> str:
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
+
+
+def k8s_conf(
+    cluster: KubeCluster,
+    lock_dir: Path,
+    version: str = "1.0.0",
+    node: str = "node1",
+    ipam: dict[str, Any] | None = None,
+    kubeconfig: Path | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The conflist entry Calico's installer writes for the Kubernetes datastore, run as
+    the CNI identity (not admin)."""
+    return calico_conf(
+        version,
+        ipam or {"type": "calico-ipam"},
+        nodename=node,
+        datastore_type="kubernetes",
+        kubernetes={"kubeconfig": str(kubeconfig or cluster.cni_kubeconfig)},
+        policy={"type": "k8s"},
+        ipam_lock_file=str(lock_dir / f"ipam-{node}.lock"),
+        **extra,
+    )
+
+
+def pod_annotations(cluster: KubeCluster, namespace: str, pod: str) -> dict[str, str]:
+    meta = cluster.admin.request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")["metadata"]
+    return meta.get("annotations") or {}
+
+
+def assert_nothing_allocated(cluster: KubeCluster) -> None:
+    assert allocations(cluster) == {}
+    assert objects(cluster, "ipamhandles") == {}
+
+
+def ctl(cluster: KubeCluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`calico <argv>` as an operator runs it: DATASTORE_TYPE=kubernetes KUBECONFIG=..."""
+    env = {k: v for k, v in os.environ.items() if k != "CNI_COMMAND"}
+    env.update(DATASTORE_TYPE="kubernetes", KUBECONFIG=str(cluster.admin_kubeconfig))
+    return subprocess.run(
+        [str(bin_dir() / "calico"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def api_requests(cluster: KubeCluster) -> int:
+    """Requests the API server has served, from its own metrics: a difference is the
+    round trips made in between (the metrics GET itself counts one)."""
+    text = cluster.admin.request("GET", "/metrics")["raw"]
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{")
     )
