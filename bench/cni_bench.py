@@ -34,6 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.agent_fixture import AgentProcess  # noqa: E402
 from tests.harness import GO_PLUGIN_DIR, Netns, Node, bin_dir, ip_json, sh, unique  # noqa: E402
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -265,21 +266,27 @@ def raise_on_sigterm() -> None:
 # ------------------------------------------------------------------ variants
 
 
-def no_setup(state: Path) -> AbstractContextManager[object]:
+def no_setup(state: Path, bins: Path) -> AbstractContextManager[object]:
     return nullcontext()
+
+
+def no_env(state: Path) -> dict[str, str]:
+    return {}
 
 
 @dataclass(frozen=True)
 class Variant:
     """One way of wiring a pod. `setup` runs once before timing (e.g. create a pool, start a
-    daemon) and is torn down after; `netconf` builds the config from the variant's own
-    state directory so variants never share IPAM state."""
+    daemon from our launchers in `bins`) and is torn down after; `netconf` and `env` (extra
+    plugin environment) come from the variant's own state directory so variants never
+    share IPAM state."""
 
     key: str
     title: str
     plugin: str
     netconf: Callable[[Path], dict[str, Any]]
-    setup: Callable[[Path], AbstractContextManager[object]] = no_setup
+    setup: Callable[[Path, Path], AbstractContextManager[object]] = no_setup
+    env: Callable[[Path], dict[str, str]] = no_env
 
 
 def ptp_conf(state: Path) -> dict[str, Any]:
@@ -322,10 +329,32 @@ def calico_ipam_conf(state: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def calico_pool(state: Path, cidr: str = "10.82.0.0/16") -> Iterator[None]:
+def calico_pool(state: Path, bins: Path) -> Iterator[None]:
     """An IPPool in the variant's own datastore; it goes with the state directory."""
-    create_pool(state / "calico.db", cidr)
+    create_pool(state / "calico.db", "10.82.0.0/16")
     yield
+
+
+def agent_dir(state: Path) -> Path:
+    return state / "agent"
+
+
+def agent_env(state: Path) -> dict[str, str]:
+    return {"CALICO_AGENT_SOCKET": str(agent_dir(state) / "agent.sock")}
+
+
+@contextmanager
+def pool_and_agent(state: Path, bins: Path) -> Iterator[None]:
+    """calico-ipam's pool, and `calico agent` started in this thread's netns (the node's)."""
+    with calico_pool(state, bins):
+        agent = AgentProcess.start(str(bins / "calico"), directory=agent_dir(state))
+        try:
+            yield
+        finally:
+            status = agent.stop()
+        served = len(agent.served())
+        if status != 0 or not served:
+            raise BenchFailure(f"agent exited {status} after {served} requests:\n{agent.log()}")
 
 
 def create_pool(db_path: Path, cidr: str) -> None:
@@ -347,6 +376,14 @@ VARIANTS = [
         "calico",
         calico_ipam_conf,
         calico_pool,
+    ),
+    Variant(
+        "d",
+        "calico + calico-ipam via the node agent (same datastore setup as c)",
+        "calico",
+        calico_ipam_conf,
+        pool_and_agent,
+        agent_env,
     ),
 ]
 
@@ -413,6 +450,7 @@ class Testbed:
 
     def _exec(self, command: str, att: Attachment, conf: dict[str, Any]) -> Exec:
         env = cni_env(command, att.container_id, att.pod.path, self.cni_path, att.args)
+        env.update(att.variant.env(self.state[att.variant.key]))
         plugin = os.path.join(self.cni_path, att.variant.plugin)
         return run_plugin(plugin, env, json.dumps(conf).encode())
 
@@ -477,7 +515,7 @@ def testbed(variants: list[Variant], bins: Path) -> Iterator[Testbed]:
         stack.callback(bed.cleanup)
         stack.enter_context(inside_netns(node.netns.path))
         for v in variants:  # inside the node netns, where a daemon a variant starts belongs
-            stack.enter_context(v.setup(state[v.key]))
+            stack.enter_context(v.setup(state[v.key], bins))
         yield bed
 
 

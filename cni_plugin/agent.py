@@ -327,21 +327,25 @@ class Agent:
             return  # the client went its own way: nothing was done
         conn.settimeout(None)
         started = time.monotonic()
+        log.debug("running CNI request", extra={"fields": _fields(request)})
         outcome, stderr = execute(request.role, request.environ, request.stdin)
+        _log_served(request, outcome.code, started)  # before the reply: the caller may look
         head = b"%d %d\n" % (outcome.code, len(outcome.stdout))
         conn.sendall(head + outcome.stdout + stderr.encode("utf-8", "backslashreplace"))
-        log.info(
-            "served CNI request",
-            extra={
-                "fields": {
-                    "Role": request.role,
-                    "Command": request.environ.get("CNI_COMMAND", ""),
-                    "ContainerID": request.environ.get("CNI_CONTAINERID", ""),
-                    "Code": outcome.code,
-                    "Duration": f"{(time.monotonic() - started) * 1000:.1f}ms",
-                }
-            },
-        )
+
+
+def _fields(request: AgentRequest) -> dict[str, str]:
+    return {
+        "Role": request.role,
+        "Command": request.environ.get("CNI_COMMAND", ""),
+        "ContainerID": request.environ.get("CNI_CONTAINERID", ""),
+    }
+
+
+def _log_served(request: AgentRequest, code: int, started: float) -> None:
+    duration = f"{(time.monotonic() - started) * 1000:.1f}ms"
+    fields = {**_fields(request), "Code": code, "Duration": duration}
+    log.info("served CNI request", extra={"fields": fields})
 
 
 # ------------------------------------------------------------------ `calico agent`

@@ -75,7 +75,7 @@ def main() -> None:
         sys.exit(cli_main(sys.argv[1:]))
     stdin = None
     if command:
-        handoff = agent_client.hand_off(name.encode())
+        handoff = agent_client.hand_off(b"calico-ipam" if name == IPAM_NAME else b"calico")
         if handoff.code is not None:
             posix._exit(handoff.code)  # everything went out through posix.write already
         if handoff.lost and command == b"ADD":

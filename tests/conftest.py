@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import agent_fixture
 from tests.harness import GO_PLUGIN_DIR, Node, bin_dir
 
 
@@ -23,6 +24,15 @@ def cni_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     for name in ("host-local", "portmap", "ptp"):
         (path / name).symlink_to(GO_PLUGIN_DIR / name)
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_agent(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under CALICO_TEST_VIA_AGENT=1, an agent in the host netns for runs outside any node."""
+    if agent_fixture.enabled() and os.geteuid() == 0:
+        agent_fixture.start_for(os.path.join(request.getfixturevalue("cni_path"), "calico"))
+    yield
+    agent_fixture.stop_for()
 
 
 @pytest.fixture

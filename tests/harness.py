@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import agent_fixture
+
 REPO = Path(__file__).resolve().parent.parent
 ALL_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 GO_PLUGIN_DIR = Path("/usr/lib/cni")
@@ -161,6 +163,8 @@ class Node:
         # IPv6 routes between interfaces only with the global switch; on a real node
         # calico/node (Felix) sets it. IPv4 forwarding is per interface and the CNI sets it.
         node.exec("sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
+        # Under CALICO_TEST_VIA_AGENT=1, plugin runs in this netns go through an agent.
+        agent_fixture.start_for(os.path.join(cni_path.split(":")[0], "calico"), node.path)
         return cls(netns=node, fabric=fabric, cni_path=cni_path)
 
     def new_pod(self) -> Netns:
@@ -169,6 +173,7 @@ class Node:
         return pod
 
     def destroy(self) -> None:
+        agent_fixture.stop_for(self.netns.path)
         for pod in self.pods:
             pod.delete()
         self.netns.delete()
@@ -217,7 +222,11 @@ def run_plugin(
         stdin = conf
     else:
         stdin = (conf if isinstance(conf, str) else json.dumps(conf)).encode()
-    full_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **env}
+    full_env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        **agent_fixture.env_for(netns_path, env),
+        **env,
+    }
     if netns_path:
         argv = ["nsenter", f"--net={netns_path}", *argv]
     proc = subprocess.run(
