@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cni_plugin.types import ERR_INVALID_CONFIG, CNIError
 from ipam_plugin.datastore.base import (
     AlreadyExists,
     Conflict,
@@ -144,9 +145,12 @@ class KubeAccess:
         if env.get("K8S_INSECURE_SKIP_TLS_VERIFY", "").lower() == "true":
             access.insecure = True
         if not access.server:
-            raise KubeconfigError(
-                "no Kubernetes API server configured: set kubernetes.kubeconfig in the CNI "
-                "config (or KUBECONFIG), or kubernetes.k8s_api_root"
+            raise CNIError(
+                ERR_INVALID_CONFIG,
+                "no Kubernetes API server configured (the Kubernetes datastore, policy.type "
+                "k8s and usePodCidr need one)",
+                "set kubernetes.kubeconfig in the CNI config (or KUBECONFIG), or "
+                "kubernetes.k8s_api_root",
             )
         return access
 
