@@ -330,7 +330,7 @@ def cmd_gc(req: Request) -> None:
     with (
         translate_errors(),
         DatastoreSettings.resolve(conf.raw).open() as store,
-        ipam_lock(conf.ipam_lock_file),
+        _node_lock(conf),
     ):
         engine = IPAM(store)
         for handle in engine.list_handles():
