@@ -49,6 +49,10 @@ from tests.root.checks import (
 # A failing ADD must come back while kubelet is still waiting for it: bounded by the
 # client's connect/request timeouts, never by a hang. Exceeding it fails the test.
 FAULT_BOUND = 20.0
+# 180 plugin processes starting at once on this shared 2-core VM take minutes, and a
+# node's 30 IPAM calls queue on its lock meanwhile: this bounds a hang, not speed.
+BURST_BOUND = 900.0
+KUBELET_DEL_TRIES = 3
 NOT_READY = "Calico is currently not ready to process requests"
 
 
@@ -327,11 +331,21 @@ def test_three_nodes_thirty_pods_each(
     jobs = [(name, i) for name in three_nodes for i in range(30)]
     pods = {job: three_nodes[job[0]].new_pod() for job in jobs}
 
+    retried: list[CNIResult] = []
+
     def run(command: str) -> Callable[[tuple[str, int]], CNIResult]:
         def one(job: tuple[str, int]) -> CNIResult:
             name, i = job
-            conf = calico.conf("1.0.0", node=name)
-            return run_pod(three_nodes[name], command, conf, pods[job], f"{name}-{i}")
+            conf = calico.conf("1.0.0", node=name, ipam_lock_timeout_seconds=BURST_BOUND)
+            # kubelet repeats a DEL answered with 11; an ADD must work the first time
+            for _ in range(KUBELET_DEL_TRIES if command == "DEL" else 1):
+                result = run_pod(
+                    three_nodes[name], command, conf, pods[job], f"{name}-{i}", timeout=BURST_BOUND
+                )
+                if not (result.code and result.json["code"] == 11):
+                    break
+                retried.append(result)
+            return result
 
         return one
 
@@ -359,6 +373,7 @@ def test_three_nodes_thirty_pods_each(
         with ThreadPoolExecutor(len(jobs)) as pool:
             deleted = list(pool.map(run("DEL"), jobs))
     assert all(r.code == 0 for r in deleted), [r for r in deleted if r.code][:1]
+    print(f"\ncalls answered 11 and repeated: {[r.json['msg'] for r in retried]}")
     calico.assert_nothing_allocated()
     calico.assert_ipam_consistent()
     assert all(n.host_veths() == [] for n in three_nodes.values())
