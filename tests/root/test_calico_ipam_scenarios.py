@@ -218,7 +218,8 @@ def test_fifty_parallel_adds_on_one_node(node: Node, store: LocalStore, tmp_path
     assert len({pod_ip(r) for r in results}) == 50
     assert set(store.block_affinities().values()) == {"host:node1"}
     with ThreadPoolExecutor(50) as pool:
-        assert all(r.code == 0 for r in pool.map(lambda i: run(i, "DEL"), range(50)))
+        deleted = list(pool.map(lambda i: run(i, "DEL"), range(50)))
+    assert all(r.code == 0 for r in deleted), [r for r in deleted if r.code][:1]
     assert store.handles() == [] and store.in_use() == 0 and store.consistency().ok
     assert node.host_veths() == []
 
@@ -252,7 +253,8 @@ def test_three_nodes_share_one_datastore(store: LocalStore, tmp_path: Path, cni_
             block = next(b for b in affinities if ip in ipaddress.ip_network(b))
             assert affinities[block] == f"host:{name}", "a node allocated from another's block"
         with ThreadPoolExecutor(30) as pool:
-            assert all(r.code == 0 for r in pool.map(lambda j: run(j, "DEL"), jobs))
+            deleted = list(pool.map(lambda j: run(j, "DEL"), jobs))
+        assert all(r.code == 0 for r in deleted), [r for r in deleted if r.code][:1]
         assert store.handles() == [] and store.in_use() == 0 and store.consistency().ok
     finally:
         for n in nodes:
