@@ -57,8 +57,9 @@ class WorkloadID:
         return ResourceKey("WorkloadEndpoint", self.name, self.namespace)
 
 
-def _fields(wid: WorkloadID) -> dict[str, dict[str, str]]:
-    return {"fields": {"WorkloadEndpoint": wid.name}}
+def _fields(wid: WorkloadID, **extra: str) -> dict[str, dict[str, str]]:
+    """The `extra` of a log record about this endpoint, in Calico's k=v field style."""
+    return {"fields": {"WorkloadEndpoint": wid.name, **extra}}
 
 
 def require_ready(store: Datastore) -> None:
@@ -109,9 +110,7 @@ def write_endpoint(
         # A kubelet retry of ADD for the same pod: the new sandbox's details win.
         current = store.get(wid.key)
         store.update(KVPair(wid.key, endpoint, current.revision))
-    log.info(
-        "Wrote updated endpoint to datastore", extra={"fields": {"WorkloadEndpoint": wid.name}}
-    )
+    log.info("Wrote updated endpoint to datastore", extra=_fields(wid))
 
 
 def delete_endpoint(store: Datastore, wid: WorkloadID, container_id: str) -> None:
@@ -119,15 +118,13 @@ def delete_endpoint(store: Datastore, wid: WorkloadID, container_id: str) -> Non
     try:
         current = store.get(wid.key)
     except NotFound:
-        log.warning(
-            "WorkloadEndpoint does not exist", extra={"fields": {"WorkloadEndpoint": wid.name}}
-        )
+        log.warning("WorkloadEndpoint does not exist", extra=_fields(wid))
         return
     owner = current.value.spec.get("containerID", "")
     if owner and owner != container_id:
         log.warning(
             "CNI_CONTAINERID does not match the endpoint's container ID: not deleting it",
-            extra={"fields": {"WorkloadEndpoint": wid.name, "EndpointContainerID": owner}},
+            extra=_fields(wid, EndpointContainerID=owner),
         )
         return
     with contextlib.suppress(NotFound):
