@@ -345,16 +345,17 @@ def agent_env(state: Path) -> dict[str, str]:
 
 @contextmanager
 def pool_and_agent(state: Path, bins: Path) -> Iterator[None]:
-    """calico-ipam's pool, and `calico agent` started in this thread's netns (the node's)."""
-    with calico_pool(state, bins):
-        agent = AgentProcess.start(str(bins / "calico"), directory=agent_dir(state))
-        try:
-            yield
-        finally:
-            status = agent.stop()
-        served = len(agent.served())
-        if status != 0 or not served:
-            raise BenchFailure(f"agent exited {status} after {served} requests:\n{agent.log()}")
+    """A pool of its own (c's addresses are live in the same node netns), and `calico agent`
+    started in this thread's netns (the node's)."""
+    create_pool(state / "calico.db", "10.83.0.0/16")
+    agent = AgentProcess.start(str(bins / "calico"), directory=agent_dir(state))
+    try:
+        yield
+    finally:
+        status = agent.stop()
+    served = len(agent.served())
+    if status != 0 or not served:
+        raise BenchFailure(f"agent exited {status} after {served} requests:\n{agent.log()}")
 
 
 def create_pool(db_path: Path, cidr: str) -> None:
