@@ -91,12 +91,13 @@ def _endpoint_store(settings: DatastoreSettings) -> Datastore | None:
 
 
 def _kube_client(conf: NetConf, req: Request, settings: DatastoreSettings) -> KubeClient | None:
-    """The API-server client when this call needs one: the Kubernetes datastore,
-    `policy.type: k8s`, or host-local with usePodCidr (calico-ipam resolves its own)."""
+    """The API-server client when this call needs one: the Kubernetes datastore, a pod
+    under `policy.type: k8s`, or host-local with usePodCidr (calico-ipam resolves its own)."""
     pod_cidr = (
         conf.ipam is not None and conf.ipam.type == "host-local" and conf.ipam.uses_pod_cidr()
     )
-    if settings.type == "kubernetes" or conf.policy_type == "k8s" or pod_cidr:
+    k8s_policy = conf.policy_type == "k8s" and bool(req.args.get("K8S_POD_NAME"))
+    if settings.type == "kubernetes" or k8s_policy or pod_cidr:
         return k8s.client_for(conf, req)
     return None
 
