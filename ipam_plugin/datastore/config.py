@@ -88,7 +88,6 @@ class DatastoreSettings:
         tls = TLSFiles(self.etcd_cert_file, self.etcd_key_file, self.etcd_ca_cert_file)
         return EtcdDatastore(endpoints, tls)
 
-
     def _open_kubernetes(self) -> Datastore:
         """Connects lazily; credentials from the kubeconfig and overrides (k8s_client.py)."""
         from ipam_plugin.datastore.k8s_client import open_client
