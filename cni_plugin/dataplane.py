@@ -74,6 +74,7 @@ class PodSpec:
     mtu: int = 0
     num_queues: int = 1
     allow_ip_forwarding: bool = False
+    pod_mac: str = ""  # cni.projectcalico.org/hwAddr; empty: the kernel's random MAC
 
     def families(self) -> set[int]:
         return {ip.version for ip in self.ips}
@@ -202,6 +203,8 @@ def _remove_link(ipr: IPRoute, name: str) -> None:
 
 def _create_veth(host: IPRoute, spec: PodSpec, pod_fd: int) -> None:
     peer: dict[str, Any] = {"ifname": spec.ifname, "net_ns_fd": pod_fd}
+    if spec.pod_mac:
+        peer["address"] = spec.pod_mac
     extra: dict[str, Any] = {}
     if spec.mtu:
         peer["mtu"] = extra["mtu"] = spec.mtu

@@ -151,11 +151,6 @@ def _add_with_ipam(
     from cni_plugin import dataplane
 
     ipam_req = pod_add.ipam_request(req) if pod_add else req
-    if pod_add and pod_add.plan.mac:
-        log.warning(
-            "hwAddr annotation %s is not applied: the dataplane sets no pod MAC yet",
-            pod_add.plan.mac,
-        )
     static = pod_add.plan.static if pod_add else []
     if static:
         log.info("Using ipAddrsNoIpam addresses: %s", [str(ip) for ip in static])
@@ -178,6 +173,7 @@ def _add_with_ipam(
                 mtu=mtu,
                 num_queues=conf.num_queues,
                 allow_ip_forwarding=conf.allow_ip_forwarding,
+                pod_mac=pod_add.plan.mac if pod_add else "",
             )
         )
         if pod_add is not None:

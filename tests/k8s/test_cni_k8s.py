@@ -312,6 +312,17 @@ def test_ip_families_annotation_asks_for_ipv6_too(
     assert refused.code != 0 and "error parsing ipFamilies" in refused.json["msg"]
 
 
+def test_hw_addr_annotation_sets_the_pod_mac(node: Node, kube: KubeCluster, tmp_path: Path) -> None:
+    name = unique("mac")
+    mac = "0a:58:0a:f4:00:2a"
+    kube.create_pod(NS, name, "node1", annotations={"cni.projectcalico.org/hwAddr": mac.upper()})
+    netns = node.new_pod()
+    added = add(node, k8s_conf(kube, tmp_path), name, container_id(), netns)
+    assert added.code == 0, added
+    assert added.json["interfaces"][1]["mac"] == mac
+    assert netns.link("eth0")["address"] == mac
+
+
 # ---------------------------------------------------------- the mismatch rule
 
 
