@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ from ipam_plugin.datastore.base import (
     KVPair,
     NotFound,
 )
+from ipam_plugin.datastore.http11 import BadResponse, Connection
 from ipam_plugin.model import (
     Key,
     ListOptions,
@@ -56,12 +56,12 @@ from ipam_plugin.model import (
 if TYPE_CHECKING:
     import ssl
 
+_JSON_HEADERS = {"Content-Type": "application/json"}
 CONNECT_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
 # gRPC codes etcd returns when this member cannot serve now (no leader, timeout):
 # another member may, so they fail over like a refused connection.
 _GRPC_UNAVAILABLE = {4, 14}
-_MAX_HEADER_LINES = 100
 _ABSENT = {"target": "VERSION", "result": "EQUAL", "version": "0"}
 _PRESENT = {"target": "VERSION", "result": "GREATER", "version": "0"}
 
@@ -125,84 +125,6 @@ class TLSFiles:
         return context
 
 
-class _BadResponse(Exception):
-    """The peer sent something that is not an HTTP/1.1 response we can frame."""
-
-
-class _Connection:
-    """One open HTTP/1.1 connection to one endpoint."""
-
-    def __init__(self, endpoint: Endpoint, tls: ssl.SSLContext | None) -> None:
-        sock = socket.create_connection((endpoint.host, endpoint.port), CONNECT_TIMEOUT)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=endpoint.host)
-            sock.settimeout(REQUEST_TIMEOUT)
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
-        self._reader = sock.makefile("rb")
-        self._head = f"Host: {endpoint.url.split('://', 1)[1]}\r\nContent-Type: application/json"
-        self.keep_alive = True
-
-    def post(self, path: str, payload: bytes) -> tuple[int, bytes]:
-        head = f"POST {path} HTTP/1.1\r\n{self._head}\r\nContent-Length: {len(payload)}\r\n\r\n"
-        self._sock.sendall(head.encode() + payload)
-        status = self._status_line()
-        headers = self._headers()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = self._chunked_body()
-        elif "content-length" in headers:
-            body = self._exactly(int(headers["content-length"]))
-        else:
-            raise _BadResponse("response without a length")
-        self.keep_alive = headers.get("connection", "").lower() != "close"
-        return status, body
-
-    def _line(self) -> bytes:
-        line = self._reader.readline(65537)
-        if not line.endswith(b"\n"):
-            raise _BadResponse("connection closed mid-response")
-        return line.rstrip(b"\r\n")
-
-    def _status_line(self) -> int:
-        version, _, rest = self._line().partition(b" ")
-        if not version.startswith(b"HTTP/1."):
-            raise _BadResponse(f"not an HTTP response: {version[:40]!r}")
-        return int(rest[:3])
-
-    def _headers(self) -> dict[str, str]:
-        headers = {}
-        for _ in range(_MAX_HEADER_LINES):
-            line = self._line()
-            if not line:
-                return headers
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        raise _BadResponse("too many header lines")
-
-    def _chunked_body(self) -> bytes:
-        chunks = []
-        while size := int(self._line().split(b";", 1)[0], 16):
-            chunks.append(self._exactly(size))
-            self._line()
-        while self._line():  # trailers
-            pass
-        return b"".join(chunks)
-
-    def _exactly(self, size: int) -> bytes:
-        data = self._reader.read(size)
-        if len(data) != size:
-            raise _BadResponse("connection closed mid-body")
-        return data
-
-    def close(self) -> None:
-        self._reader.close()
-        self._sock.close()
-
-
 class EtcdGateway:
     """POSTs JSON to etcd's gateway on one kept-alive connection, failing over in order."""
 
@@ -213,7 +135,7 @@ class EtcdGateway:
         self._tls = tls
         self._context: ssl.SSLContext | None = None
         self._current = 0
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self.round_trips = 0
 
     def call(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -226,8 +148,9 @@ class EtcdGateway:
             reused = self._conn is not None
             try:
                 conn = self._connection(endpoint)
-                status, body = conn.post(path, payload)
-            except (OSError, ValueError, _BadResponse) as err:
+                reply = conn.request("POST", path, _JSON_HEADERS, payload)
+                status, body = reply.status, reply.body
+            except (OSError, ValueError, BadResponse) as err:
                 self._drop()
                 if not reused:
                     failures[endpoint.url] = str(err) or type(err).__name__
@@ -249,14 +172,16 @@ class EtcdGateway:
         detail = "; ".join(f"{url}: {error}" for url, error in failures.items())
         raise DatastoreUnavailable(f"no etcd endpoint reachable ({detail})")
 
-    def _connection(self, endpoint: Endpoint) -> _Connection:
+    def _connection(self, endpoint: Endpoint) -> Connection:
         if self._conn is None:
             context = None
             if endpoint.scheme == "https":
                 if self._context is None:
                     self._context = (self._tls or TLSFiles()).context()
                 context = self._context
-            self._conn = _Connection(endpoint, context)
+            self._conn = Connection(
+                endpoint.host, endpoint.port, context, CONNECT_TIMEOUT, REQUEST_TIMEOUT
+            )
         return self._conn
 
     def _drop(self) -> None:
