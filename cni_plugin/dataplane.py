@@ -343,11 +343,12 @@ def teardown_pod(netns_path: str, ifname: str, timeout: float = DEL_TIMEOUT_S) -
     except netns.NetnsGone:
         log.info("Workload's netns already gone. Nothing to do.")
         return
+    # Imported before the deadline starts: on a loaded node the import alone takes seconds.
+    from pyroute2 import IPRoute
+
     outcome: list[BaseException] = []
 
     def delete() -> None:
-        from pyroute2 import IPRoute
-
         try:
             with netns.entered(pod_fd):
                 ipr = IPRoute()
