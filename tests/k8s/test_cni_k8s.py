@@ -9,6 +9,7 @@ through the API: the pod's annotations and Calico's CRD objects (calico-behaviou
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ALL_VERSIONS, CNIResult, Netns, Node, result_ips, unique
+from tests.harness import ALL_VERSIONS, REPO, CNIResult, Netns, Node, result_ips, unique
 from tests.k8s.fixture import KubeCluster
 from tests.k8s.k8s_support import (
     CONTAINER_ID,
@@ -321,6 +322,35 @@ def test_hw_addr_annotation_sets_the_pod_mac(node: Node, kube: KubeCluster, tmp_
     assert added.code == 0, added
     assert added.json["interfaces"][1]["mac"] == mac
     assert netns.link("eth0")["address"] == mac
+
+
+@pytest.mark.parametrize(
+    "conflist", ["10-calico-k8s.conflist", "10-calico-k8s-host-local.conflist"]
+)
+def test_shipped_conflists_work(
+    node: Node, kube: KubeCluster, pod_name: str, tmp_path: Path, conflist: str
+) -> None:
+    """conf/'s conflists, as an operator installs them, with only paths filled in."""
+    calico = json.loads((REPO / "conf" / conflist).read_text())["plugins"][0]
+    calico.update(
+        name=NETWORK,
+        cniVersion="1.0.0",
+        nodename="node1",
+        log_file_path=str(tmp_path / "cni.log"),
+        ipam_lock_file=str(tmp_path / "ipam.lock"),
+        kubernetes={"kubeconfig": str(kube.cni_kubeconfig)},
+    )
+    if calico["ipam"]["type"] == "host-local":
+        calico["ipam"]["dataDir"] = str(tmp_path / "ipam")
+    pod, cid = node.new_pod(), container_id()
+    added = add(node, calico, pod_name, cid, pod)
+    assert added.code == 0, added
+    (address,) = result_ips(added.json, "1.0.0")
+    expected = POOL if calico["ipam"]["type"] == "calico-ipam" else "10.244.1.0/24"
+    assert ipaddress.ip_interface(address).ip in ipaddress.ip_network(expected)
+    assert pod_annotations(kube, NS, pod_name)[POD_IP] == address
+    assert delete(node, calico, pod_name, cid, pod).code == 0
+    assert_nothing_allocated(kube)
 
 
 # ---------------------------------------------------------- the mismatch rule
