@@ -1,8 +1,9 @@
 """The `kubernetes` datastore against a real kube-apiserver, as the CNI identity.
 
-The same contract the etcd and local backends keep (CAS above all), plus what only this
-backend has: Calico's CRD names and spec fields (calico-behaviour.md §4.6/§4.8), the
-two-step delete, the real Nodes, and the errors an operator meets (stale token, server down).
+The contract every backend keeps (CAS above all) runs against Kubernetes, etcd and SQLite
+alike in tests/test_datastore_contract.py. Here is what only this backend has: list paging,
+Calico's CRD names and spec fields (calico-behaviour.md §4.6/§4.8), the two-step delete,
+the real Nodes, and the errors an operator meets (stale token, server down).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 from ipam_plugin.datastore.base import (
-    AlreadyExists,
-    Conflict,
     DatastoreError,
     DatastoreUnavailable,
     KVPair,
@@ -28,7 +27,6 @@ from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.model import (
     BlockAffinity,
     BlockAffinityKey,
-    BlockAffinityListOptions,
     BlockKey,
     HandleKey,
     HandleListOptions,
@@ -70,93 +68,7 @@ def nodes(cluster: KubeCluster) -> None:
     cluster.create_node("node2", ["10.244.2.0/24"], {"zone": "b"})
 
 
-# ------------------------------------------------------------ the contract
-
-
-def test_create_get_update_delete(store: KubernetesDatastore) -> None:
-    key = HandleKey("h")
-    created = store.create(KVPair(key, IPAMHandle({"10.0.0.0/26": 1})))
-    assert store.get(key) == created
-    updated = store.update(KVPair(key, IPAMHandle({"10.0.0.0/26": 2}), created.revision))
-    assert updated.revision != created.revision
-    assert store.get(key).value.block == {"10.0.0.0/26": 2}
-    store.delete(updated)
-    with pytest.raises(NotFound):
-        store.get(key)
-
-
-def test_create_of_an_existing_key_fails_and_keeps_the_value(store: KubernetesDatastore) -> None:
-    store.create(KVPair(HandleKey("h"), IPAMHandle({"a": 1})))
-    with pytest.raises(AlreadyExists):
-        store.create(KVPair(HandleKey("h"), IPAMHandle({"b": 1})))
-    assert store.get(HandleKey("h")).value.block == {"a": 1}
-
-
-@pytest.mark.parametrize(
-    ("key", "first", "second"),
-    [
-        (HandleKey("h"), IPAMHandle({"a": 1}), IPAMHandle({"a": 2})),
-        (BlockAffinityKey("node1", NET("10.0.0.0/26")), BlockAffinity("pending"), BlockAffinity()),
-        (IPAMConfigKey(), IPAMConfig(), IPAMConfig(strict_affinity=True)),
-    ],
-    ids=["handle", "affinity", "ipamconfig"],
-)
-def test_stale_revision_conflicts_on_update_and_delete(
-    store: KubernetesDatastore, key: object, first: object, second: object
-) -> None:
-    stale = store.create(KVPair(key, first))
-    store.update(KVPair(key, second, stale.revision))
-    with pytest.raises(Conflict):
-        store.update(KVPair(key, first, stale.revision))
-    with pytest.raises(Conflict):
-        store.delete(stale)
-    assert store.get(key).value == second
-
-
-def test_update_or_delete_of_a_missing_key_is_not_found(store: KubernetesDatastore) -> None:
-    for revision in ("1", None):
-        with pytest.raises(NotFound):
-            store.update(KVPair(HandleKey("nope"), IPAMHandle(), revision))
-        with pytest.raises(NotFound):
-            store.delete(KVPair(HandleKey("nope"), IPAMHandle(), revision))
-
-
-def test_no_revision_means_unconditional(store: KubernetesDatastore) -> None:
-    first = store.create(KVPair(HandleKey("h"), IPAMHandle({"a": 1})))
-    store.update(KVPair(first.key, IPAMHandle({"a": 2}), first.revision))
-    forced = store.update(KVPair(first.key, IPAMHandle({"a": 9})))
-    assert store.get(first.key) == forced
-    store.delete(KVPair(first.key, IPAMHandle({"a": 9})))
-    with pytest.raises(NotFound):
-        store.get(first.key)
-
-
-def test_revision_is_never_reused_after_delete_and_recreate(store: KubernetesDatastore) -> None:
-    old = store.create(KVPair(HandleKey("h"), IPAMHandle({"a": 1})))
-    store.delete(old)
-    store.create(KVPair(HandleKey("h"), IPAMHandle({"b": 1})))
-    with pytest.raises(Conflict):
-        store.update(KVPair(old.key, IPAMHandle({"a": 5}), old.revision))
-
-
-def test_list_filters_by_host_and_version(store: KubernetesDatastore) -> None:
-    for host, cidr in [
-        ("node2", "10.0.0.64/26"),
-        ("node1", "fd00::/122"),
-        ("node1", "10.0.0.0/26"),
-        ("node10", "10.0.1.0/26"),
-    ]:
-        store.create(KVPair(BlockAffinityKey(host, NET(cidr)), BlockAffinity()))
-    listed = store.list(BlockAffinityListOptions("node1", 4))
-    assert [kvp.key for kvp in listed] == [BlockAffinityKey("node1", NET("10.0.0.0/26"))]
-    every = store.list(BlockAffinityListOptions())
-    assert sorted((k.key.host, str(k.key.cidr)) for k in every) == [
-        ("node1", "10.0.0.0/26"),
-        ("node1", "fd00::/122"),
-        ("node10", "10.0.1.0/26"),
-        ("node2", "10.0.0.64/26"),
-    ]
-    assert all(kvp.revision == store.get(kvp.key).revision for kvp in every)
+# ------------------------------------------------------------------- paging
 
 
 def test_lists_page_through_large_collections(store: KubernetesDatastore, monkeypatch) -> None:

@@ -1,4 +1,10 @@
-"""The SQLite `local` datastore, and the Calico etcd format of what it stores."""
+"""The SQLite `local` datastore, and the Calico etcd format of what it stores.
+
+The contract every backend keeps (CAS, NotFound, list order, large lists) runs against
+SQLite, etcd and Kubernetes alike in tests/test_datastore_contract.py. Here: the SQLite
+file itself (modes, corruption, locking), the Calico format, the inspect views, and many
+processes (concurrent writers, SIGKILL).
+"""
 
 from __future__ import annotations
 
@@ -18,12 +24,9 @@ from typing import Any
 import pytest
 
 from ipam_plugin.datastore.base import (
-    AlreadyExists,
-    Conflict,
     DatastoreCorrupt,
     DatastoreUnavailable,
     KVPair,
-    NotFound,
 )
 from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest
@@ -32,7 +35,6 @@ from ipam_plugin.model import (
     AllocationBlock,
     BlockAffinity,
     BlockAffinityKey,
-    BlockAffinityListOptions,
     BlockKey,
     BlockListOptions,
     HandleKey,
@@ -139,70 +141,6 @@ def test_a_writer_holding_the_lock_too_long_means_unavailable(db_path: str) -> N
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-
-
-# -------------------------------------------------------- compare and swap
-
-
-def test_create_get_update_delete(store: LocalDatastore) -> None:
-    key = HandleKey("h")
-    created = store.create(KVPair(key, IPAMHandle({"10.0.0.0/26": 1})))
-    assert store.get(key) == created
-    created.value.block["10.0.0.0/26"] = 2
-    updated = store.update(created)
-    assert updated.revision != created.revision
-    assert store.get(key).value.block == {"10.0.0.0/26": 2}
-    store.delete(updated)
-    with pytest.raises(NotFound):
-        store.get(key)
-
-
-def test_create_of_an_existing_key_fails(store: LocalDatastore) -> None:
-    store.create(KVPair(HandleKey("h"), IPAMHandle({"a": 1})))
-    with pytest.raises(AlreadyExists):
-        store.create(KVPair(HandleKey("h"), IPAMHandle({"b": 1})))
-    assert store.get(HandleKey("h")).value.block == {"a": 1}
-
-
-def test_update_with_a_stale_revision_conflicts(store: LocalDatastore) -> None:
-    stale = store.create(KVPair(HandleKey("h"), IPAMHandle({"a": 1})))
-    store.update(KVPair(stale.key, IPAMHandle({"a": 2}), stale.revision))
-    with pytest.raises(Conflict):
-        store.update(KVPair(stale.key, IPAMHandle({"a": 3}), stale.revision))
-    with pytest.raises(Conflict):
-        store.delete(stale)
-    assert store.get(stale.key).value.block == {"a": 2}
-
-
-def test_update_or_delete_of_a_missing_key(store: LocalDatastore) -> None:
-    with pytest.raises(NotFound):
-        store.update(KVPair(HandleKey("nope"), IPAMHandle(), "1"))
-    with pytest.raises(NotFound):
-        store.delete(KVPair(HandleKey("nope"), IPAMHandle(), "1"))
-
-
-def test_revision_is_never_reused_after_delete_and_recreate(store: LocalDatastore) -> None:
-    """Otherwise a reader holding the old revision could overwrite the new object (ABA)."""
-    old = store.create(KVPair(HandleKey("h"), IPAMHandle({"a": 1})))
-    store.delete(old)
-    store.create(KVPair(HandleKey("h"), IPAMHandle({"b": 1})))
-    with pytest.raises(Conflict):
-        store.update(KVPair(old.key, IPAMHandle({"a": 5}), old.revision))
-
-
-def test_list_filters_and_sorts_like_etcd(store: LocalDatastore) -> None:
-    for host, cidr in [
-        ("node2", "10.0.0.64/26"),
-        ("node1", "fd00::/122"),
-        ("node1", "10.0.0.0/26"),
-    ]:
-        store.create(KVPair(BlockAffinityKey(host, NET(cidr)), BlockAffinity()))
-    store.create(KVPair(HandleKey("node1"), IPAMHandle({"a": 1})))
-    listed = store.list(BlockAffinityListOptions("node1", 4))
-    assert [kvp.key for kvp in listed] == [BlockAffinityKey("node1", NET("10.0.0.0/26"))]
-    every = store.list(BlockAffinityListOptions())
-    assert [str(kvp.key.cidr) for kvp in every] == ["10.0.0.0/26", "fd00::/122", "10.0.0.64/26"]
-    assert [kvp.key for kvp in store.list(HandleListOptions())] == [HandleKey("node1")]
 
 
 # ------------------------------------------------------------ Calico format
