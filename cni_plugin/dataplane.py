@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cni_plugin import netns
@@ -29,7 +29,6 @@ from cni_plugin.types import (
     Interface,
     IPInterface,
     IPNetwork,
-    Result,
 )
 
 if TYPE_CHECKING:
@@ -97,29 +96,29 @@ def read_sysctl(name: str) -> str:
         return f.read().strip()
 
 
-def _iface_sysctl(family: str, ifname: str, key: str) -> str:
+def iface_sysctl(family: str, ifname: str, key: str) -> str:
     # Interface names may contain dots; build the path with slashes.
     return f"net/{family}/conf/{ifname}/{key}"
 
 
-def _host_sysctls(ifname: str, families: set[int]) -> list[tuple[str, str, bool]]:
+def host_sysctls(ifname: str, families: set[int]) -> list[tuple[str, str, bool]]:
     """(sysctl, value, fatal) for the host end, in Calico's order."""
     settings: list[tuple[str, str, bool]] = []
     if 4 in families:
         settings += [
-            (_iface_sysctl("ipv4", ifname, "route_localnet"), "1", True),
+            (iface_sysctl("ipv4", ifname, "route_localnet"), "1", True),
             (f"net/ipv4/neigh/{ifname}/proxy_delay", "0", False),
-            (_iface_sysctl("ipv4", ifname, "proxy_arp"), "1", True),
-            (_iface_sysctl("ipv4", ifname, "forwarding"), "1", True),
+            (iface_sysctl("ipv4", ifname, "proxy_arp"), "1", True),
+            (iface_sysctl("ipv4", ifname, "forwarding"), "1", True),
         ]
     if 6 in families:
         settings += [
-            (_iface_sysctl("ipv6", ifname, "accept_dad"), "0", True),
-            (_iface_sysctl("ipv6", ifname, "disable_ipv6"), "0", True),
-            (_iface_sysctl("ipv6", ifname, "proxy_ndp"), "1", True),
-            (_iface_sysctl("ipv6", ifname, "forwarding"), "1", True),
+            (iface_sysctl("ipv6", ifname, "accept_dad"), "0", True),
+            (iface_sysctl("ipv6", ifname, "disable_ipv6"), "0", True),
+            (iface_sysctl("ipv6", ifname, "proxy_ndp"), "1", True),
+            (iface_sysctl("ipv6", ifname, "forwarding"), "1", True),
         ]
-    settings.append((_iface_sysctl("ipv6", ifname, "accept_ra"), "0", False))
+    settings.append((iface_sysctl("ipv6", ifname, "accept_ra"), "0", False))
     return settings
 
 
@@ -220,8 +219,8 @@ def _configure(host: IPRoute, pod: IPRoute, pod_fd: int, spec: PodSpec) -> PodIn
     with netns.entered(pod_fd):
         pod_index = socket.if_nametoindex(spec.ifname)
         if 6 in families:
-            write_sysctl(_iface_sysctl("ipv6", spec.ifname, "accept_dad"), "0")
-    _apply_sysctls(_host_sysctls(spec.host_ifname, families))
+            write_sysctl(iface_sysctl("ipv6", spec.ifname, "accept_dad"), "0")
+    _apply_sysctls(host_sysctls(spec.host_ifname, families))
     host.link("set", index=host_index, state="up")
     pod.link("set", index=pod_index, state="up")
     pod_mac = pod.link("get", index=pod_index)[0].get("IFLA_ADDRESS")
@@ -372,143 +371,3 @@ def teardown_pod(netns_path: str, ifname: str, timeout: float = DEL_TIMEOUT_S) -
         raise CNIError(
             ERR_INTERNAL, f"failed to clean up workload's pod interface inside netns: {exc}"
         ) from exc
-
-
-@dataclass
-class CheckReport:
-    """Collects every difference CHECK finds, so one message names them all."""
-
-    problems: list[str] = field(default_factory=list)
-
-    def expect(self, ok: bool, problem: str) -> None:
-        if not ok:
-            self.problems.append(problem)
-
-
-def check_pod(
-    netns_path: str, ifname: str, host_ifname: str, prev: Result, spec_routes: list[IPNetwork]
-) -> None:
-    """Verify the interface, addresses, routes and sysctls against prevResult."""
-    from pyroute2 import IPRoute
-
-    pod_fd = netns.open_netns_for_add(netns_path)
-    report = CheckReport()
-    pod_iface = next(
-        (i for i in prev.interfaces if i.name == ifname and i.sandbox == netns_path), None
-    )
-    report.expect(pod_iface is not None, f"prevResult has no interface {ifname} in {netns_path}")
-    pod_ips = [ipc.address for ipc in prev.ips]
-    families = {ip.version for ip in pod_ips}
-    host = IPRoute()
-    try:
-        with netns.entered(pod_fd):
-            pod = IPRoute()
-        try:
-            _check_pod_side(pod, ifname, pod_iface, pod_ips, spec_routes, families, report)
-            with netns.entered(pod_fd):
-                _check_pod_sysctls(ifname, families, report)
-        finally:
-            pod.close()
-        _check_host_side(host, host_ifname, pod_ips, families, report)
-    finally:
-        host.close()
-        os.close(pod_fd)
-    if report.problems:
-        raise CNIError(ERR_INTERNAL, "CHECK failed: " + "; ".join(report.problems))
-
-
-def _link_kind(link: Any) -> str:
-    info = link.get("IFLA_LINKINFO")
-    return info.get("IFLA_INFO_KIND") if info else ""
-
-
-def _check_pod_side(
-    pod: IPRoute,
-    ifname: str,
-    iface: Interface | None,
-    ips: list[IPInterface],
-    routes: list[IPNetwork],
-    families: set[int],
-    report: CheckReport,
-) -> None:
-    links = pod.link("get", ifname=ifname) if pod.link_lookup(ifname=ifname) else []
-    if not links:
-        report.expect(False, f"interface {ifname} not found in the container")
-        return
-    link = links[0]
-    index = link["index"]
-    report.expect(_link_kind(link) == "veth", f"{ifname} is not a veth")
-    if iface is not None and iface.mac:
-        mac = link.get("IFLA_ADDRESS")
-        report.expect(
-            mac == iface.mac.lower(), f"{ifname} has MAC {mac}, prevResult says {iface.mac}"
-        )
-    present = {
-        (a.get("IFA_ADDRESS"), a["prefixlen"])
-        for fam in families
-        for a in pod.addr(
-            "dump", index=index, family=socket.AF_INET if fam == 4 else socket.AF_INET6
-        )
-    }
-    for ip in ips:
-        report.expect(
-            (str(ip.ip), ip.network.prefixlen) in present, f"address {ip} missing on {ifname}"
-        )
-    pod_routes = {
-        (
-            r.get("RTA_DST") or ("0.0.0.0" if r["family"] == socket.AF_INET else "::"),
-            r["dst_len"],
-            r.get("RTA_GATEWAY"),
-        )
-        for fam in families
-        for r in pod.route(
-            "dump", family=socket.AF_INET if fam == 4 else socket.AF_INET6, oif=index
-        )
-    }
-    if 4 in families:
-        report.expect(
-            (str(GATEWAY_V4), 32, None) in pod_routes, f"route {GATEWAY_V4} dev {ifname} missing"
-        )
-    for dst in routes:
-        if dst.version not in families:
-            continue
-        gw = str(GATEWAY_V4 if dst.version == 4 else GATEWAY_V6)
-        report.expect(
-            (str(dst.network_address), dst.prefixlen, gw) in pod_routes,
-            f"route {dst} via {gw} dev {ifname} missing in the container",
-        )
-
-
-def _check_pod_sysctls(ifname: str, families: set[int], report: CheckReport) -> None:
-    if 6 in families:
-        value = read_sysctl(_iface_sysctl("ipv6", ifname, "accept_dad"))
-        report.expect(value == "0", f"container sysctl accept_dad on {ifname} is {value}, want 0")
-
-
-def _check_host_side(
-    host: IPRoute, host_ifname: str, ips: list[IPInterface], families: set[int], report: CheckReport
-) -> None:
-    if not host.link_lookup(ifname=host_ifname):
-        report.expect(False, f"host interface {host_ifname} not found")
-        return
-    link = host.link("get", ifname=host_ifname)[0]
-    index = link["index"]
-    report.expect(_link_kind(link) == "veth", f"host interface {host_ifname} is not a veth")
-    report.expect(
-        link.get("IFLA_ADDRESS") == HOST_MAC, f"host interface {host_ifname} MAC is not {HOST_MAC}"
-    )
-    report.expect(link.get("IFLA_OPERSTATE") == "UP", f"host interface {host_ifname} is not up")
-    for name, value, fatal in _host_sysctls(host_ifname, families):
-        if not fatal:
-            continue
-        actual = read_sysctl(name)
-        report.expect(
-            actual == value, f"host sysctl {name.replace('/', '.')} is {actual}, want {value}"
-        )
-    for ip in ips:
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        routes = host.route("dump", family=family, oif=index)
-        found = any(
-            r.get("RTA_DST") == str(ip.ip) and r["dst_len"] == ip.max_prefixlen for r in routes
-        )
-        report.expect(found, f"host route {ip.ip}/{ip.max_prefixlen} dev {host_ifname} missing")

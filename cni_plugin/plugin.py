@@ -263,7 +263,7 @@ def cmd_del(req: Request) -> None:
 
 
 def cmd_check(req: Request) -> None:
-    from cni_plugin import dataplane
+    from cni_plugin import dataplane, dataplane_check
 
     conf = _load(req)
     ipam_type = _ipam_type(conf)
@@ -274,7 +274,7 @@ def cmd_check(req: Request) -> None:
     host = next((i for i in prev.interfaces if not i.sandbox), None)
     host_ifname = host.name if host else dataplane.host_veth_name(req.args, req.container_id)
     families = {ipc.address.version for ipc in prev.ips}
-    dataplane.check_pod(req.netns, req.ifname, host_ifname, prev, pod_routes(conf, families))
+    dataplane_check.check_pod(req.netns, req.ifname, host_ifname, prev, pod_routes(conf, families))
 
 
 def cmd_status(req: Request) -> None:
