@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="datastore settings (netconf keys or a CalicoAPIConfig); default: environment",
     )
     ctl_commands.register(
-        sub.add_parser("ctl", help="manage IP pools, reservations, IPAM configuration"),
+        sub.add_parser(
+            "ctl", help="manage IP pools, reservations, IPAM configuration, cluster information"
+        ),
         datastore,
     )
     ctl_ipam.register(sub.add_parser("ipam", help="inspect and repair IP address use"), datastore)

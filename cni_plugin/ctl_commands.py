@@ -1,5 +1,5 @@
 """`calico ctl`: calicoctl's apply / create / replace / get / delete for IP pools,
-IP reservations and the IPAM configuration."""
+IP reservations, the IPAM configuration and the cluster information."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from cni_plugin.ctl_datastore import open_datastore
 from cni_plugin.ctl_errors import CommandError
 from cni_plugin.ctl_resources import (
+    CLUSTERINFORMATION,
     IPAMCONFIGURATION,
     IPPOOL,
     IPRESERVATION,
@@ -26,6 +27,11 @@ OUTPUT_FORMATS = ("ps", "wide", "yaml", "json")
 
 def _go_bool(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _go_bool_pointer(value: bool | None) -> str:
+    """What Go's template prints for a *bool: its value, or `<nil>` when unset."""
+    return "<nil>" if value is None else _go_bool(value)
 
 
 @dataclass
@@ -55,6 +61,13 @@ _COLUMNS: dict[str, list[_Column]] = {
         _Column("STRICTAFFINITY", lambda c: _go_bool(c.config.strict_affinity)),
         _Column("MAXBLOCKSPERHOST", lambda c: str(c.config.max_blocks_per_host)),
         _Column("AUTOALLOCATEBLOCKS", lambda c: _go_bool(c.config.auto_allocate_blocks), True),
+    ],
+    CLUSTERINFORMATION: [
+        _NAME,
+        _Column("CLUSTERGUID", lambda i: str(i.spec.get("clusterGUID", ""))),
+        _Column("CLUSTERTYPE", lambda i: str(i.spec.get("clusterType", ""))),
+        _Column("CALICOVERSION", lambda i: str(i.spec.get("calicoVersion", ""))),
+        _Column("DATASTOREREADY", lambda i: _go_bool_pointer(i.spec.get("datastoreReady"))),
     ],
 }
 
@@ -152,7 +165,11 @@ def register(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -
         write.set_defaults(handler=partial(_write, mode=mode))
 
     get = sub.add_parser("get", parents=[common], help="print resources")
-    get.add_argument("kind", metavar="KIND", help="ippools, ipreservations or ipamconfigs")
+    get.add_argument(
+        "kind",
+        metavar="KIND",
+        help="ippools, ipreservations, ipamconfigs or clusterinformations",
+    )
     get.add_argument("name", metavar="NAME", nargs="?")
     get.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="ps")
     get.set_defaults(handler=_get)

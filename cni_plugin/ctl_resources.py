@@ -1,5 +1,6 @@
-"""The projectcalico.org/v3 resources `ctl` manages: IPPool, IPReservation and
-IPAMConfiguration, parsed from an operator's documents and checked field by field.
+"""The projectcalico.org/v3 resources `ctl` manages: IPPool, IPReservation,
+IPAMConfiguration and ClusterInformation, parsed from an operator's documents and
+checked field by field.
 
 Checks here need nothing but the document; the rules that compare against what is
 stored (overlap, immutable fields) live in `ctl_store`.
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cni_plugin.ctl_errors import CommandError
 from ipam_plugin.model import (
     API_VERSION,
+    ClusterInformation,
     IPAMConfig,
     IPPool,
     IPReservation,
@@ -27,6 +30,8 @@ IPPOOL = "IPPool"
 IPRESERVATION = "IPReservation"
 IPAMCONFIGURATION = "IPAMConfiguration"
 IPAM_CONFIG_NAME = "default"
+CLUSTERINFORMATION = "ClusterInformation"
+CLUSTER_INFORMATION_NAME = "default"
 
 # What an operator may type on the command line (case-insensitive), as calicoctl accepts.
 _KIND_ALIASES = {
@@ -38,6 +43,12 @@ _KIND_ALIASES = {
         "ipamconfig",
         "ipamconfigs",
     ),
+    CLUSTERINFORMATION: (
+        "clusterinformation",
+        "clusterinformations",
+        "clusterinfo",
+        "clusterinfos",
+    ),
 }
 _KIND_BY_ALIAS = {alias: kind for kind, aliases in _KIND_ALIASES.items() for alias in aliases}
 # `kind:` in a document; IPAMConfig is the CRD's name for the same singleton.
@@ -46,6 +57,7 @@ _DOCUMENT_KINDS = {
     IPRESERVATION: IPRESERVATION,
     IPAMCONFIGURATION: IPAMCONFIGURATION,
     "IPAMConfig": IPAMCONFIGURATION,
+    CLUSTERINFORMATION: CLUSTERINFORMATION,
 }
 
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
@@ -72,6 +84,17 @@ _SPEC_FIELDS = {
         "kubeVirtVMAddressPersistence",
     ),
 }
+# ClusterInformationSpec (api/pkg/apis/projectcalico/v3/clusterinfo.go): field -> type.
+# `variant` is not in the task's list but is a real field calico/node writes, so that
+# what `get -o yaml` prints from a real cluster applies back.
+_CLUSTER_INFORMATION_SPEC: dict[str, type] = {
+    "clusterGUID": str,
+    "clusterType": str,
+    "calicoVersion": str,
+    "datastoreReady": bool,
+    "variant": str,
+}
+_SPEC_FIELDS[CLUSTERINFORMATION] = tuple(_CLUSTER_INFORMATION_SPEC)
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 MAX_IP_COOLDOWN_SECONDS = 1200
 VM_ADDRESS_PERSISTENCE = ("Enabled", "Disabled")
@@ -147,11 +170,38 @@ class IPAMConfiguration:
             )
 
 
-CtlResource = IPPool | IPReservation | IPAMConfiguration
-_TYPES: dict[str, type[CtlResource]] = {
-    IPPOOL: IPPool,
-    IPRESERVATION: IPReservation,
-    IPAMCONFIGURATION: IPAMConfiguration,
+def cluster_information_from_json(doc: dict[str, Any]) -> ClusterInformation:
+    """ClusterInformation with its spec type-checked; unset (null) and empty-string
+    fields are dropped, as Go's `omitempty` drops them when Calico stores the resource."""
+    info = ClusterInformation.from_json(doc)
+    spec = {}
+    for name, kind in _CLUSTER_INFORMATION_SPEC.items():
+        value = _typed(info.spec, name, kind, None)
+        if value is not None and value != "":
+            spec[name] = value
+    info.spec = spec
+    return info
+
+
+def _validate_cluster_information(info: ClusterInformation) -> None:
+    """libcalico-go refuses any name but `default`; the spec fields must have their types."""
+    if info.metadata.name != CLUSTER_INFORMATION_NAME:
+        raise ValidationError(
+            "metadata.name",
+            f'must be "{CLUSTER_INFORMATION_NAME}": the cluster information is one',
+        )
+    for name in info.spec:
+        if name not in _CLUSTER_INFORMATION_SPEC:
+            raise ValidationError(f"spec.{name}", f"unknown field for {CLUSTERINFORMATION}")
+        _typed(info.spec, name, _CLUSTER_INFORMATION_SPEC[name], None)
+
+
+CtlResource = IPPool | IPReservation | IPAMConfiguration | ClusterInformation
+_PARSERS: dict[str, Callable[[dict[str, Any]], CtlResource]] = {
+    IPPOOL: IPPool.from_json,
+    IPRESERVATION: IPReservation.from_json,
+    IPAMCONFIGURATION: IPAMConfiguration.from_json,
+    CLUSTERINFORMATION: cluster_information_from_json,
 }
 
 
@@ -161,7 +211,7 @@ def canonical_kind(text: str) -> str:
     if kind is None:
         raise CommandError(
             f'resource type "{text}" is not supported; use one of ippools, ipreservations, '
-            "ipamconfigs"
+            "ipamconfigs, clusterinformations"
         )
     return kind
 
@@ -190,6 +240,8 @@ def validate_resource(resource: CtlResource) -> None:
     _validate_name(resource.metadata.name)
     if isinstance(resource, IPReservation):
         _validate_reservation(resource)
+    elif isinstance(resource, ClusterInformation):
+        _validate_cluster_information(resource)
     else:
         resource.validate()
 
@@ -198,7 +250,8 @@ def _document_kind(doc: dict[str, Any]) -> str:
     kind = doc.get("kind")
     if kind not in _DOCUMENT_KINDS:
         raise CommandError(
-            f"kind {kind!r} is not supported; use one of IPPool, IPReservation, IPAMConfiguration"
+            f"kind {kind!r} is not supported; use one of IPPool, IPReservation, "
+            "IPAMConfiguration, ClusterInformation"
         )
     if doc.get("apiVersion") != API_VERSION:
         raise CommandError(
@@ -227,7 +280,7 @@ def resource_from_document(doc: dict[str, Any]) -> CtlResource:
     _refuse_unknown_fields(doc, kind)
     if not isinstance(doc.get("metadata") or {}, dict):
         raise ValidationError("metadata", "must be a mapping")
-    resource = _TYPES[kind].from_json(doc)
+    resource = _PARSERS[kind](doc)
     validate_resource(resource)
     return resource
 

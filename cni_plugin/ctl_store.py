@@ -16,6 +16,7 @@ from typing import Any
 
 from cni_plugin.ctl_errors import CommandError
 from cni_plugin.ctl_resources import (
+    CLUSTERINFORMATION,
     IPAM_CONFIG_NAME,
     IPAMCONFIGURATION,
     IPPOOL,
@@ -122,7 +123,8 @@ def _check_pool(pool: IPPool, old: IPPool | None, pools: dict[str, IPPool]) -> N
 
 
 class ResourceClient:
-    """get / list / write / delete of IPPool, IPReservation and IPAMConfiguration."""
+    """get / list / write / delete of IPPool, IPReservation, IPAMConfiguration and
+    ClusterInformation."""
 
     def __init__(self, store: Datastore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -234,7 +236,14 @@ class ResourceClient:
 
     def delete(self, kind: str, name: str, force: bool = False) -> None:
         """Delete one resource. An IP pool with addresses in use is kept unless `force`:
-        Calico would delete it and strand those addresses outside any pool."""
+        Calico would delete it and strand those addresses outside any pool.
+        ClusterInformation is never deleted (calicoctl refuses too): calico/node owns it,
+        and an operator changes `datastoreReady` with apply instead."""
+        if kind == CLUSTERINFORMATION:
+            raise CommandError(
+                f"operation delete is not supported on {kind}; "
+                "apply it with the spec wanted (e.g. datastoreReady: true) instead"
+            )
         existing = self.get(kind, name)
         if kind == IPPOOL and not force:
             in_use = self._addresses_in_use(name)

@@ -60,6 +60,10 @@ class EtcdMember:
     data_dir: Path
     scheme: str
     process: subprocess.Popen[bytes] | None = None
+    # How it was first started (set by `_spawn`), so `restart` starts it the same way.
+    _initial_cluster: str = field(default="", repr=False)
+    _token: str = field(default="", repr=False)
+    _tls: TLSFiles | None = field(default=None, repr=False)
 
     @property
     def endpoint(self) -> str:
@@ -87,6 +91,19 @@ class EtcdMember:
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def restart(self, wait: bool = True) -> None:
+        """Start this stopped member again on its own data dir and ports, with the flags it
+        was first started with (etcd ignores those naming the initial cluster once the data
+        dir exists, so it rejoins as itself). With `wait`, return once it is healthy, which
+        in a cluster needs a quorum of members running."""
+        if self.is_running():
+            raise RuntimeError(f"etcd {self.name} is still running")
+        if not self._initial_cluster:
+            raise RuntimeError(f"etcd {self.name} was never started")
+        _spawn(self, self._initial_cluster, self._token, self._tls)
+        if wait:
+            wait_healthy(self, self._tls)
 
 
 @dataclass
@@ -231,6 +248,7 @@ def start_etcd(directory: Path, members: int = 1, tls: TLSFiles | None = None) -
 
 
 def _spawn(member: EtcdMember, initial_cluster: str, token: str, tls: TLSFiles | None) -> None:
+    member._initial_cluster, member._token, member._tls = initial_cluster, token, tls
     args = [
         ETCD_BINARY,
         f"--name={member.name}",

@@ -28,7 +28,7 @@ from ipam_plugin.model import (
     ObjectMeta,
     ResourceKey,
 )
-from tests.etcd_fixture import EtcdCluster, EtcdMember, _spawn, wait_healthy
+from tests.etcd_fixture import EtcdCluster, EtcdMember
 from tests.harness import Netns, bin_dir, calico_conf
 
 NETWORK = "k8s-pod-network"
@@ -154,11 +154,9 @@ class EtcdCalico:
 
 
 def restart(cluster: EtcdCluster, member: EtcdMember) -> None:
-    """Start a stopped member again on its own data dir and ports (the flags naming the
-    initial cluster are ignored once the data dir exists)."""
-    initial = ",".join(f"{m.name}={m.peer_url}" for m in cluster.members)
-    _spawn(member, initial, f"test-{cluster.members[0].client_port}", cluster.tls)
-    wait_healthy(member, cluster.tls)
+    """Start a stopped member of `cluster` again on its own data dir and ports."""
+    assert member in cluster.members
+    member.restart()
 
 
 def kv_requests(member: EtcdMember) -> int:

@@ -295,9 +295,6 @@ spec:
 """
 
 
-@pytest.mark.xfail(
-    strict=True, reason="calico ctl supports IPPool, IPReservation, IPAMConfiguration only"
-)
 def test_ctl_apply_marks_the_datastore_ready(node: Node, calico_etcd: EtcdCalico) -> None:
     calico_etcd.set_datastore_ready(False)
     applied = calico_etcd.ctl("ctl", "apply", "-f", "-", stdin=READY)

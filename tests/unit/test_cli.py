@@ -11,9 +11,12 @@ import pytest
 import yaml
 
 from cni_plugin.cli import main
+from cni_plugin.types import CNIError
+from cni_plugin.workload import require_ready
+from ipam_plugin.datastore.base import KVPair
 from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest
-from ipam_plugin.model import HandleKey
+from ipam_plugin.model import ClusterInformation, HandleKey, ObjectMeta, ResourceKey
 
 SEED_POOL = """\
 apiVersion: projectcalico.org/v3
@@ -395,6 +398,132 @@ def test_ipam_configure(cli: Cli) -> None:
     refused = cli("ipam", "configure", "--strictaffinity=false")
     assert refused.code == 1 and "maxBlocksPerHost" in refused.err
     assert "| StrictAffinity     | true  |" in cli("ipam", "show", "--show-configuration").out
+
+
+# ------------------------------------------------------------------ cluster information
+
+
+def cluster_info_yaml(name: str = "default", **spec: object) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "projectcalico.org/v3",
+            "kind": "ClusterInformation",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+    )
+
+
+def datastore_ready(store: LocalDatastore) -> object:
+    """What the calico plugin's ADD reads (cni_plugin/workload.py `require_ready`)."""
+    info = store.get(ResourceKey("ClusterInformation", "default")).value
+    assert isinstance(info, ClusterInformation)
+    return info.spec.get("datastoreReady")
+
+
+def test_cluster_information_apply_marks_the_datastore_ready(
+    cli: Cli, tmp_path: Path, store: LocalDatastore
+) -> None:
+    # calico/node marks the datastore not ready around an upgrade ...
+    key = ResourceKey("ClusterInformation", "default")
+    store.create(KVPair(key, ClusterInformation(ObjectMeta("default"), {"datastoreReady": False})))
+    with pytest.raises(CNIError, match="not ready"):
+        require_ready(store)
+
+    # ... and the operator marks it ready again with the document from the docs.
+    text = (
+        "apiVersion: projectcalico.org/v3\nkind: ClusterInformation\n"
+        "metadata: {name: default}\nspec: {datastoreReady: true}\n"
+    )
+    result = cli("ctl", "apply", "-f", write(tmp_path, text))
+    assert (result.code, result.out) == (
+        0,
+        "Successfully applied 1 'ClusterInformation' resource(s)\n",
+    )
+    assert datastore_ready(store) is True
+    require_ready(store)  # ADD is accepted again
+
+
+def test_cluster_information_get_in_every_format(cli: Cli, tmp_path: Path) -> None:
+    assert cli("ctl", "get", "clusterinformations").out == (
+        "NAME   CLUSTERGUID   CLUSTERTYPE   CALICOVERSION   DATASTOREREADY\n"
+    )
+    spec = {
+        "clusterGUID": "7d4c8a7e0f2a4b8c9f1e2d3c4b5a6978",
+        "clusterType": "k8s,bgp,kubeadm,kdd",
+        "calicoVersion": "v3.29.1",
+        "datastoreReady": False,
+    }
+    assert cli("ctl", "create", "-f", write(tmp_path, cluster_info_yaml(**spec))).code == 0
+    table = (
+        "NAME      CLUSTERGUID                        CLUSTERTYPE           CALICOVERSION   "
+        "DATASTOREREADY\n"
+        "default   7d4c8a7e0f2a4b8c9f1e2d3c4b5a6978   k8s,bgp,kubeadm,kdd   v3.29.1         "
+        "false\n"
+    )
+    for alias in ("clusterinformation", "clusterinformations", "clusterinfo", "ClusterInfos"):
+        assert cli("ctl", "get", alias).out == table
+    assert cli("ctl", "get", "clusterinfo", "-o", "wide").out == table
+
+    doc = yaml.safe_load(cli("ctl", "get", "clusterinformation", "default", "-o", "yaml").out)
+    assert (doc["apiVersion"], doc["kind"]) == ("projectcalico.org/v3", "ClusterInformation")
+    assert doc["metadata"]["name"] == "default" and doc["metadata"]["uid"]
+    assert doc["spec"] == spec
+    listing = json.loads(cli("ctl", "get", "clusterinformations", "-o", "json").out)
+    assert listing["kind"] == "ClusterInformationList"
+    assert [item["spec"] for item in listing["items"]] == [spec]
+
+    # What `get -o yaml` prints applies back; apply replaces the spec, as calicoctl's does.
+    exported = cli("ctl", "get", "clusterinfo", "-o", "yaml").out
+    assert cli("ctl", "apply", "-f", write(tmp_path, exported, "export.yaml")).code == 0
+    ready = cluster_info_yaml(datastoreReady=True, clusterGUID=None, clusterType="")
+    assert cli("ctl", "replace", "-f", write(tmp_path, ready, "ready.yaml")).code == 0
+    after = yaml.safe_load(cli("ctl", "get", "clusterinfo", "default", "-o", "yaml").out)
+    assert after["spec"] == {"datastoreReady": True}  # null and "" are omitted, as Go omits
+    assert after["metadata"]["uid"] == doc["metadata"]["uid"]
+
+
+def test_cluster_information_unset_ready_shows_as_go_prints_it(cli: Cli, tmp_path: Path) -> None:
+    text = cluster_info_yaml(calicoVersion="v3.29.1")
+    assert cli("ctl", "apply", "-f", write(tmp_path, text)).code == 0
+    assert cli("ctl", "get", "clusterinfo").out.splitlines()[1].split() == [
+        "default",
+        "v3.29.1",
+        "<nil>",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (cluster_info_yaml("other", datastoreReady=True), "metadata.name"),
+        (cluster_info_yaml(datastoreReady="yes"), "spec.datastoreReady"),
+        (cluster_info_yaml(datastoreReady=1), "spec.datastoreReady"),
+        (cluster_info_yaml(clusterGUID=42), "spec.clusterGUID"),
+        (cluster_info_yaml(calicoVersion=["v3"]), "spec.calicoVersion"),
+        (cluster_info_yaml(clusterType=True), "spec.clusterType"),
+        (cluster_info_yaml(datastoreready=True), "spec.datastoreready"),
+        (cluster_info_yaml(datastoreReady=True) + "status: {}\nextra: 1\n", "extra"),
+    ],
+)
+def test_cluster_information_refusals_name_the_field(
+    cli: Cli, tmp_path: Path, text: str, field: str
+) -> None:
+    result = cli("ctl", "apply", "-f", write(tmp_path, text))
+    assert result.code == 1
+    assert field in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert cli("ctl", "get", "clusterinfo", "-o", "json").out.count('"name"') == 0
+
+
+def test_cluster_information_is_never_deleted(cli: Cli, tmp_path: Path) -> None:
+    path = write(tmp_path, cluster_info_yaml(datastoreReady=True))
+    assert cli("ctl", "apply", "-f", path).code == 0
+    for argv in (("clusterinformation", "default"), ("-f", path)):
+        result = cli("ctl", "delete", *argv)
+        assert result.code == 1
+        assert "not supported on ClusterInformation" in result.err
+    assert "default" in cli("ctl", "get", "clusterinfo").out
 
 
 # ---------------------------------------------------------------------- ipam show
