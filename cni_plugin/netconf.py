@@ -199,3 +199,18 @@ class NetConf:
                     "config or require_mtu_file: false",
                 ) from exc
             return 0
+
+
+def load_with_logging(config: dict[str, Any], component: str) -> NetConf:
+    """The netconf, with logging configured as it asks (level, rotating file) for `component`."""
+    from cni_plugin import logs
+
+    conf = NetConf.load(config)
+    logs.setup(
+        component,
+        conf.log_level,
+        conf.log_file_path,
+        conf.log_file_max_size,
+        conf.log_file_max_count,
+    )
+    return conf

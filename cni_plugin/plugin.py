@@ -13,8 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from cni_plugin import ipam_exec, k8s, logs, workload
-from cni_plugin.netconf import NetConf
+from cni_plugin import ipam_exec, k8s, workload
+from cni_plugin.netconf import NetConf, load_with_logging
 from cni_plugin.skel import Request
 from cni_plugin.types import (
     ERR_INVALID_CONFIG,
@@ -39,15 +39,7 @@ log = logging.getLogger(COMPONENT)
 
 
 def _load(req: Request) -> NetConf:
-    conf = NetConf.load(req.config)
-    logs.setup(
-        COMPONENT,
-        conf.log_level,
-        conf.log_file_path,
-        conf.log_file_max_size,
-        conf.log_file_max_count,
-    )
-    return conf
+    return load_with_logging(req.config, COMPONENT)
 
 
 def _fields(req: Request, **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from cni_plugin import logs, skel
-from cni_plugin.netconf import IPAMConf, NetConf
+from cni_plugin.netconf import IPAMConf, NetConf, load_with_logging
 from cni_plugin.skel import Request
 from cni_plugin.types import (
     ERR_INTERNAL,
@@ -84,14 +84,7 @@ def _go_timestamp() -> str:
 
 
 def _load(req: Request) -> tuple[NetConf, IPAMConf]:
-    conf = NetConf.load(req.config)
-    logs.setup(
-        COMPONENT,
-        conf.log_level,
-        conf.log_file_path,
-        conf.log_file_max_size,
-        conf.log_file_max_count,
-    )
+    conf = load_with_logging(req.config, COMPONENT)
     if conf.ipam is None:
         raise CNIError(
             ERR_INVALID_CONFIG, "invalid network config: ipam: missing IPAM configuration"
