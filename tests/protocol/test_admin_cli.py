@@ -10,21 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import bin_dir
+from tests.harness import REPO, bin_dir
 
-SEED_POOL = """\
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: default-ipv4-ippool
-spec:
-  cidr: 10.244.0.0/16
-  blockSize: 26
-  ipipMode: CrossSubnet
-  natOutgoing: true
-  nodeSelector: all()
-  vxlanMode: Never
-"""
+# The seed's pool as shipped in conf/: it must apply unchanged.
+SEED_POOL = (REPO / "conf" / "ippool-default.yaml").read_text()
 Calico = Callable[..., subprocess.CompletedProcess[str]]
 
 

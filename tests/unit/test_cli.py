@@ -17,20 +17,10 @@ from ipam_plugin.datastore.base import KVPair
 from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.model import ClusterInformation, HandleKey, ObjectMeta, ResourceKey
+from tests.harness import REPO
 
-SEED_POOL = """\
-apiVersion: projectcalico.org/v3
-kind: IPPool
-metadata:
-  name: default-ipv4-ippool
-spec:
-  cidr: 10.244.0.0/16
-  blockSize: 26
-  ipipMode: CrossSubnet
-  natOutgoing: true
-  nodeSelector: all()
-  vxlanMode: Never
-"""
+# The seed's pool as shipped in conf/: it must apply unchanged.
+SEED_POOL = (REPO / "conf" / "ippool-default.yaml").read_text()
 SEED_SPEC = {
     "cidr": "10.244.0.0/16",
     "blockSize": 26,
