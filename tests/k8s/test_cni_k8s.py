@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -525,6 +527,32 @@ def test_admin_commands_work_on_the_kubernetes_datastore(
     check = ctl(kube, "ipam", "check")
     assert check.returncode == 0 and "found 0 problems" in check.stdout, check
     assert delete(node, conf, pod_name, cid, pod).code == 0
+
+
+def test_kubectl_lists_pools_applied_with_calico_ctl(kube: KubeCluster, tmp_path: Path) -> None:
+    """The CRDs are what kubectl sees: a pool applied with `calico ctl` is a real IPPool."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:  # Debian's kubernetes-client (1.20) is too old for this server
+        pytest.skip("no kubectl on this machine")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(
+        (REPO / "conf" / "ippool-default.yaml")
+        .read_text()
+        .replace("default-ipv4-ippool", "seen-by-kubectl")
+        .replace("10.244.0.0/16", "10.71.0.0/16")
+    )
+    applied = ctl(kube, "ctl", "apply", "-f", str(pool))
+    assert applied.returncode == 0, applied
+    jsonpath = 'jsonpath={range .items[*]}{.metadata.name} {.spec.cidr}{"\\n"}{end}'
+    listed = subprocess.run(
+        [kubectl, "--kubeconfig", str(kube.admin_kubeconfig), "get", "ippools", "-o", jsonpath],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "seen-by-kubectl 10.71.0.0/16" in listed.stdout.splitlines()
 
 
 def test_report_round_trips_per_add_and_del(
