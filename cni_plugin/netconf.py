@@ -39,6 +39,15 @@ def _schema() -> dict[str, Any]:
         return json.load(f)
 
 
+@cache
+def _validator() -> Any:
+    """Built once per process: the node agent validates every request with it."""
+    # jsonschema costs ~90 ms to import; only the verbs that read a netconf need it.
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(_schema())
+
+
 def canonical_keys(obj: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     """Rename keys that match a schema property case-insensitively to the property's name."""
     props = schema.get("properties", {})
@@ -57,14 +66,8 @@ def canonical_keys(obj: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Canonicalise and validate; CNIError 7 naming the offending key on failure."""
-    # jsonschema costs ~90 ms to import; it is needed on every ADD, so import it here only.
-    import jsonschema
-
-    schema = _schema()
-    config = canonical_keys(config, schema)
-    errors = sorted(
-        jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path)
-    )
+    config = canonical_keys(config, _schema())
+    errors = sorted(_validator().iter_errors(config), key=lambda e: list(e.path))
     if errors:
         err = errors[0]
         where = ".".join(str(p) for p in err.path) or "(top level)"
