@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,3 +72,20 @@ class LocalStore:
     def consistency(self) -> inspect.ConsistencyReport:
         with self._open() as store:
             return inspect.check_consistency(store)
+
+
+def results_of_processes(target: Callable[..., None], argsets: list[tuple]) -> list[Any]:
+    """Run `target(*args, queue)` in one spawned process per argset; each puts one result.
+
+    Asserts every process exited 0; returns the results in completion order.
+    """
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=target, args=(*args, queue)) for args in argsets]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    return results

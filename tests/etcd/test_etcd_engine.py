@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import multiprocessing
 import os
 from typing import Any
 
@@ -15,6 +14,7 @@ from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.inspect import check_consistency, pool_usage
 from ipam_plugin.model import IPPool, ResourceKey
 from tests.etcd_fixture import EtcdCluster
+from tests.ipam_support import results_of_processes
 
 POOL_PATH = "/calico/resources/v3/projectcalico.org/ippools/default"
 
@@ -128,18 +128,8 @@ def _allocate(netconf: dict[str, str], host: str, count: int, queue: Any) -> Non
 
 def test_concurrent_processes_on_two_nodes_never_share_an_ip(etcd: EtcdCluster) -> None:
     seed(etcd, "10.244.0.0/24", ["node1", "node2"])
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [
-        context.Process(target=_allocate, args=(etcd.netconf(), host, 20, queue))
-        for host in ("node1", "node1", "node2", "node2")
-    ]
-    for worker in workers:
-        worker.start()
-    results = [queue.get(timeout=300) for _ in workers]
-    for worker in workers:
-        worker.join()
-        assert worker.exitcode == 0
+    hosts = ("node1", "node1", "node2", "node2")
+    results = results_of_processes(_allocate, [(etcd.netconf(), host, 20) for host in hosts])
     ips = [ip for result in results for ip in result]
     assert len(ips) == 80
     assert len(set(ips)) == 80

@@ -48,6 +48,7 @@ from ipam_plugin.model import (
     key_from_path,
     key_path,
 )
+from tests.ipam_support import results_of_processes
 
 NET = ipaddress.ip_network
 
@@ -342,18 +343,8 @@ def _seed(path: str, hosts: list[str]) -> None:
 
 def test_concurrent_processes_never_hand_out_an_ip_twice(db_path: str) -> None:
     _seed(db_path, ["node1", "node2"])
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [
-        context.Process(target=_allocate_many, args=(db_path, host, 25, queue))
-        for host in ("node1", "node1", "node2", "node2")
-    ]
-    for worker in workers:
-        worker.start()
-    results = [queue.get(timeout=300) for _ in workers]
-    for worker in workers:
-        worker.join()
-        assert worker.exitcode == 0
+    hosts = ("node1", "node1", "node2", "node2")
+    results = results_of_processes(_allocate_many, [(db_path, host, 25) for host in hosts])
     ips = [ip for result in results for ip in result]
     assert len(ips) == 100
     assert len(set(ips)) == 100
