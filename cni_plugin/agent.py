@@ -3,9 +3,9 @@
 A one-shot plugin spends ~300 ms importing pyroute2 and friends before doing anything
 (cost-floor.md); the agent pays that once and serves each executable's request over a
 root-only Unix socket, one thread per connection (wire format in agent_client). A request
-runs the very code a one-shot plugin runs (`skel.execute` with the request's environment
+runs the very code a one-shot plugin runs (`roles.execute` with the request's environment
 and stdin); its log records go back to the caller's stderr. IPAM type `calico-ipam` runs
-in-process instead of being exec'd. Nothing is cached between requests: pools, blocks and
+in-process, as in a one-shot plugin. Nothing is cached between requests: pools, blocks and
 node labels are read from the datastore every time, so they are never stale.
 
 Node-wide IPAM serialisation is the same flock as in one-shot plugins: each request opens
@@ -32,7 +32,7 @@ from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cni_plugin import agent_client, entry, ipam_exec, logs, skel
+from cni_plugin import agent_client, logs, roles, skel
 from cni_plugin.ctl_errors import CommandError
 
 COMPONENT = "cni-agent"
@@ -41,7 +41,6 @@ DEFAULT_DRAIN_S = 30.0
 # The frame arrives right after connect; a client that stalls must not pin a thread.
 RECEIVE_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
-ROLES = ("calico", entry.IPAM_NAME)
 # Everything a request may import lazily, imported once at start instead.
 WARM_MODULES = (
     "cni_plugin.plugin",
@@ -83,7 +82,7 @@ class AgentRequest:
         if not sep or len(fields) < 3 or fields[0] != agent_client.MAGIC:
             raise BadRequest("not a calico agent request")
         role = fields[1].decode(errors="replace")
-        if role not in ROLES:
+        if role not in roles.ROLES:
             raise BadRequest(f"unknown role {role!r}")
         environ = {}
         for item in fields[3:]:
@@ -145,17 +144,9 @@ def _environ_of(environ: dict[str, str]) -> Iterator[None]:
 
 
 def execute(role: str, environ: dict[str, str], stdin: bytes) -> tuple[skel.Outcome, str]:
-    """Run one invocation of `role` in this thread; returns its outcome and its stderr."""
-    component, handlers = entry.load_role(role)
-    with logs.capture(component) as request_log, _environ_of(environ):
-        outcome = skel.execute(handlers, environ, lambda: stdin)
-    return outcome, request_log.stream.getvalue()
-
-
-def _ipam_in_process(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
-    """calico-ipam as a delegate, without the exec; its log lines join its caller's."""
-    outcome, _ = execute(entry.IPAM_NAME, environ, stdin)
-    return outcome.code, outcome.stdout
+    """Run one request of `role` on this thread; returns its outcome and its stderr."""
+    with _environ_of(environ):
+        return roles.execute(role, environ, lambda: stdin)
 
 
 def prepare_process() -> None:
@@ -166,7 +157,7 @@ def prepare_process() -> None:
         # Python-level view only (B003): children started without env= still get the
         # agent's own environment; the IPAM exec passes the request's explicitly.
         os.environ = RequestEnviron(os.environ)  # type: ignore[assignment]  # noqa: B003
-    ipam_exec.IN_PROCESS[entry.IPAM_NAME] = _ipam_in_process
+    roles.delegate_ipam_in_process()
 
 
 # ------------------------------------------------------------------ the socket

@@ -22,22 +22,23 @@ def role() -> str:
     return agent_client.exec_name()
 
 
-def load_role(name: str) -> tuple[str, dict]:
-    """The logging component and the verb handlers of the `calico` or `calico-ipam` role."""
-    if name == IPAM_NAME:
-        from ipam_plugin.main import COMPONENT, HANDLERS
-    else:
-        from cni_plugin.plugin import COMPONENT, HANDLERS
-    return COMPONENT, HANDLERS
-
-
 def run_standalone(name: str, stdin: bytes | None = None) -> int:
     """The whole invocation in this process (`stdin` when it was already read)."""
-    from cni_plugin import logs, skel
+    import os
 
-    component, handlers = load_role(name)
-    logs.setup(component)
-    return skel.run(handlers, stdin=stdin)
+    from cni_plugin import logs, roles, skel
+
+    logs.route_requests(name)
+    roles.delegate_ipam_in_process()
+    reader = skel.read_stdin if stdin is None else lambda: stdin
+    outcome, _ = roles.execute(name, dict(os.environ), reader, sys.stderr)
+    return _print(outcome.code, outcome.stdout)
+
+
+def _print(code: int, stdout: bytes) -> int:
+    sys.stdout.buffer.write(stdout)
+    sys.stdout.flush()
+    return code
 
 
 def recover_lost_add(name: str, stdin: bytes) -> int:
@@ -46,13 +47,13 @@ def recover_lost_add(name: str, stdin: bytes) -> int:
     redo it here and risk a second allocation."""
     import os
 
-    from cni_plugin import logs, skel
+    from cni_plugin import logs, roles, skel
     from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError
 
-    component, handlers = load_role(name)
-    log = logs.setup(component)
+    log = logs.route_requests(name)
+    roles.delegate_ipam_in_process()
     environ = dict(os.environ)
-    undo = skel.execute(handlers, {**environ, "CNI_COMMAND": "DEL"}, lambda: stdin)
+    undo, _ = roles.execute(name, {**environ, "CNI_COMMAND": "DEL"}, lambda: stdin, sys.stderr)
     undone = "undone" if undo.code == 0 else f"undo failed: {undo.stdout.decode().strip()}"
     log.error("the calico node agent went away during ADD; %s", undone)
 
@@ -63,7 +64,8 @@ def recover_lost_add(name: str, stdin: bytes) -> int:
             f"partial work {undone}",
         )
 
-    return skel.run({"ADD": try_again}, environ, stdin)
+    answer = skel.execute({"ADD": try_again}, environ, lambda: stdin)
+    return _print(answer.code, answer.stdout)
 
 
 def main() -> None:

@@ -33,8 +33,9 @@ _LAUNCHER_MAX_BYTES = 4096
 
 # Runs a delegate inside this process: (environment, stdin) -> (exit code, stdout).
 InProcessRunner = Callable[[dict[str, str], bytes], tuple[int, bytes]]
-# Plugin types the node agent runs in-process instead of exec'ing (the exec is most of an
-# ADD's cost there). Empty in a one-shot plugin process, which has nothing warm to reuse.
+# Plugin types run in this process instead of exec'd, when CNI_PATH's binary is this very
+# program (roles.delegate_ipam_in_process registers calico-ipam): the exec would cost a
+# second bundle start and the same imports again.
 IN_PROCESS: dict[str, InProcessRunner] = {}
 
 

@@ -4,9 +4,10 @@
 carries only the CNI result, so the runtime (kubelet, containerd) gets our logs from
 stderr. Structured fields go in `extra={"fields": {...}}` and print sorted by key.
 
-In the node agent many requests share one process, so the root logger is configured once
-(`route_requests`) and each request's records go to its own RequestLog (`capture`):
-`setup` then configures that request's log instead of the process's.
+The root logger is configured once per process (`route_requests`) and each invocation's
+records go to its own RequestLog (`capture`), so that the node agent's concurrent requests,
+and an IPAM delegate run in its caller's process, each log as a one-shot plugin would:
+`setup` then configures that invocation's log instead of the process's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TextIO
 
 # Calico accepts debug / info / error; anything else (warning included) means info.
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "error": logging.ERROR}
@@ -90,10 +92,11 @@ def _level(name: str) -> int:
 
 @dataclass
 class RequestLog:
-    """One agent request's log: text for the caller's stderr, and its netconf's log file."""
+    """One invocation's log: lines for the caller's stderr (collected, or written as they
+    come), and its netconf's log file."""
 
     component: str
-    stream: io.StringIO = field(default_factory=io.StringIO)
+    stream: TextIO = field(default_factory=io.StringIO)
     level: int = logging.INFO
     file: logging.Handler | None = None
 
@@ -108,6 +111,10 @@ class RequestLog:
                 self.file = _shared_file_handler(file_path, max_size_mb, max_count)
             except OSError as exc:
                 logging.getLogger(component).warning("cannot open log file %s: %s", file_path, exc)
+
+    def text(self) -> str:
+        """What was collected for the caller's stderr ("" when it went straight there)."""
+        return self.stream.getvalue() if isinstance(self.stream, io.StringIO) else ""
 
     def write(self, record: logging.LogRecord, formatter: logging.Formatter) -> None:
         if record.levelno < self.level:
@@ -171,14 +178,17 @@ def route_requests(component: str, level: str = "info", file_path: str = "") -> 
 
 
 @contextmanager
-def capture(component: str) -> Iterator[RequestLog]:
-    """Collect the records of the request run inside the block (this thread only).
+def capture(component: str, stream: TextIO | None = None) -> Iterator[RequestLog]:
+    """Route the records of the invocation run inside the block (this thread only) to its
+    own log: `stream`, or collected for the caller when None.
 
-    A request nested in another (an in-process IPAM delegate) writes to its parent's
+    An invocation nested in another (an in-process IPAM delegate) writes to its parent's
     stream, as an exec'd plugin shares its parent's stderr.
     """
     parent = _current.get()
-    request = RequestLog(component) if parent is None else RequestLog(component, parent.stream)
+    if parent is not None:
+        stream = parent.stream
+    request = RequestLog(component) if stream is None else RequestLog(component, stream)
     token = _current.set(request)
     try:
         yield request

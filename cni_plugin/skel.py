@@ -242,25 +242,6 @@ def execute(
         return Outcome(1, _json_line(error.to_dict(_error_version(req))))
 
 
-def run(
-    handlers: dict[str, Handler],
-    environ: dict[str, str] | None = None,
-    stdin: bytes | None = None,
-) -> int:
-    """Run one invocation as this process (stdin, stdout); returns the exit code.
-
-    `stdin` is given when the caller has already read it (a node agent that went away).
-    """
-    outcome = execute(
-        handlers,
-        dict(os.environ) if environ is None else environ,
-        read_stdin if stdin is None else lambda: stdin,
-    )
-    sys.stdout.buffer.write(outcome.stdout)
-    sys.stdout.flush()
-    return outcome.code
-
-
 def _error_version(req: Request) -> str:
     """Errors carry the config's version when it is one we speak, else the newest."""
     version = req.cni_version if req.config else CURRENT_VERSION

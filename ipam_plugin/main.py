@@ -14,7 +14,6 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from cni_plugin import logs, skel
 from cni_plugin.netconf import IPAMConf, NetConf, load_with_logging
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -339,8 +338,3 @@ def cmd_gc(req: Request) -> None:
 
 
 HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}
-
-
-def main() -> int:
-    logs.setup(COMPONENT)
-    return skel.run(HANDLERS)
