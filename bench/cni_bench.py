@@ -4,7 +4,8 @@ Every variant runs in the same node netns, interleaved per iteration (the order 
 no variant always goes first), each ADD on a fresh pod netns created outside the timing.
 Timings are wall time of the plugin process from spawn to reap (perf_counter_ns); peak
 RSS and CPU come from the child's rusage (os.wait4), which covers the IPAM plugin it
-execs too. The bench process itself enters the node netns, so no nsenter exec is timed.
+execs too. A resident process a variant starts (the node agent) has its own peak RSS row,
+its VmHWM. The bench process itself enters the node netns, so no nsenter exec is timed.
 
 Also home of the helpers the other bench scripts share (plugin exec, percentiles, report).
 
@@ -29,7 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ipam_plugin.datastore.base import Datastore
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -179,6 +183,7 @@ class Report:
     columns: dict[str, str]  # key -> title; the first is the reference
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # caveats printed under the table
 
     @property
     def reference(self) -> str:
@@ -205,6 +210,8 @@ class Report:
             padded = [line[0].ljust(widths[0])]
             padded += [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
             print("  ".join(padded))
+        for note in self.notes:
+            print(f"note: {note}")
 
     def _cell(self, row: Row, key: str) -> str:
         value, ratio = row.values.get(key), self.ratio(row, key)
@@ -228,6 +235,7 @@ class Report:
                 }
                 for row in self.rows
             ],
+            "notes": self.notes,
         }
 
     def write(self, prefix: str) -> Path:
@@ -266,7 +274,7 @@ def raise_on_sigterm() -> None:
 # ------------------------------------------------------------------ variants
 
 
-def no_setup(state: Path, bins: Path) -> AbstractContextManager[object]:
+def no_setup(state: Path, bins: Path) -> AbstractContextManager[int | None]:
     return nullcontext()
 
 
@@ -277,15 +285,16 @@ def no_env(state: Path) -> dict[str, str]:
 @dataclass(frozen=True)
 class Variant:
     """One way of wiring a pod. `setup` runs once before timing (e.g. create a pool, start a
-    daemon from our launchers in `bins`) and is torn down after; `netconf` and `env` (extra
-    plugin environment) come from the variant's own state directory so variants never
-    share IPAM state."""
+    daemon from our launchers in `bins`) and is torn down after; it yields the PID of the
+    resident process serving the variant, if any, whose peak RSS the report then shows.
+    `netconf` and `env` (extra plugin environment) come from the variant's own state
+    directory so variants never share IPAM state."""
 
     key: str
     title: str
     plugin: str
     netconf: Callable[[Path], dict[str, Any]]
-    setup: Callable[[Path, Path], AbstractContextManager[object]] = no_setup
+    setup: Callable[[Path, Path], AbstractContextManager[int | None]] = no_setup
     env: Callable[[Path], dict[str, str]] = no_env
 
 
@@ -328,10 +337,30 @@ def calico_ipam_conf(state: Path) -> dict[str, Any]:
     return calico_conf({"type": "calico-ipam"}, **local_datastore_keys(state))
 
 
+def open_datastore(keys: dict[str, str]) -> Datastore:
+    """The datastore a plugin opens from these netconf keys (the environment ignored)."""
+    from ipam_plugin.datastore.config import DatastoreSettings
+
+    return DatastoreSettings.resolve(keys, environ={}).open()
+
+
+def create_pool(store: Datastore, cidr: str) -> None:
+    from ipam_plugin.datastore.base import KVPair
+    from ipam_plugin.model import IPPool, IPPoolSpec, ObjectMeta, ResourceKey
+
+    pool = IPPool(ObjectMeta("bench-pool"), IPPoolSpec.from_json({"cidr": cidr}))
+    store.create(KVPair(ResourceKey("IPPool", pool.name), pool))
+
+
+def create_local_pool(state: Path, cidr: str) -> None:
+    with open_datastore(local_datastore_keys(state)) as store:
+        create_pool(store, cidr)
+
+
 @contextmanager
 def calico_pool(state: Path, bins: Path) -> Iterator[None]:
     """An IPPool in the variant's own datastore; it goes with the state directory."""
-    create_pool(state / "calico.db", "10.82.0.0/16")
+    create_local_pool(state, "10.82.0.0/16")
     yield
 
 
@@ -344,28 +373,20 @@ def agent_env(state: Path) -> dict[str, str]:
 
 
 @contextmanager
-def pool_and_agent(state: Path, bins: Path) -> Iterator[None]:
+def pool_and_agent(state: Path, bins: Path) -> Iterator[int]:
     """A pool of its own (c's addresses are live in the same node netns), and `calico agent`
-    started in this thread's netns (the node's)."""
-    create_pool(state / "calico.db", "10.83.0.0/16")
+    started in this thread's netns (the node's). The launcher execs the agent, so the PID
+    Popen reports is the agent's own."""
+    create_local_pool(state, "10.83.0.0/16")
     agent = AgentProcess.start(str(bins / "calico"), directory=agent_dir(state))
+    assert agent.proc is not None
     try:
-        yield
+        yield agent.proc.pid
     finally:
         status = agent.stop()
     served = len(agent.served())
     if status != 0 or not served:
         raise BenchFailure(f"agent exited {status} after {served} requests:\n{agent.log()}")
-
-
-def create_pool(db_path: Path, cidr: str) -> None:
-    from ipam_plugin.datastore.base import KVPair
-    from ipam_plugin.datastore.local import LocalDatastore
-    from ipam_plugin.model import IPPool, IPPoolSpec, ObjectMeta, ResourceKey
-
-    pool = IPPool(ObjectMeta("bench-pool"), IPPoolSpec.from_json({"cidr": cidr}))
-    with LocalDatastore(str(db_path)) as store:
-        store.create(KVPair(ResourceKey("IPPool", pool.name), pool))
 
 
 VARIANTS = [
@@ -436,6 +457,11 @@ class Testbed:
     confs: dict[str, dict[str, Any]]
     pods: set[str] = field(default_factory=set)
     live: dict[str, Attachment] = field(default_factory=dict)  # container ID -> attachment
+    residents: dict[str, int] = field(default_factory=dict)  # variant key -> daemon PID
+
+    def resident_peaks_kib(self) -> dict[str, int]:
+        """Each variant's resident process's peak RSS so far, read while it still runs."""
+        return {key: peak_rss_kib(pid) for key, pid in self.residents.items()}
 
     def new_attachment(self, variant: Variant, name: str) -> Attachment:
         pod = Netns(unique("bench-pod"))
@@ -516,11 +542,23 @@ def testbed(variants: list[Variant], bins: Path) -> Iterator[Testbed]:
         stack.callback(bed.cleanup)
         stack.enter_context(inside_netns(node.netns.path))
         for v in variants:  # inside the node netns, where a daemon a variant starts belongs
-            stack.enter_context(v.setup(state[v.key], bins))
+            pid = stack.enter_context(v.setup(state[v.key], bins))
+            if pid is not None:
+                bed.residents[v.key] = pid
         yield bed
 
 
 # ------------------------------------------------------------------ measurements
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of a live process. Not ru_maxrss: a spawned child's ru_maxrss starts at the
+    spawner's own peak (the kernel folds the parent's mm high-water mark in at exec)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise BenchFailure(f"/proc/{pid}/status has no VmHWM")
 
 
 @dataclass
@@ -606,14 +644,31 @@ def measure_bursts(
     return bursts
 
 
-def build_report(
-    variants: list[Variant],
-    samples: dict[str, Samples],
-    bursts: dict[str, list[Burst]],
-    settings: dict[str, Any],
-) -> Report:
+@dataclass
+class Measurements:
+    """Everything one run measured, per variant key."""
+
+    samples: dict[str, Samples]
+    bursts: dict[str, list[Burst]]
+    resident_kib_sequential: dict[str, int]  # resident peak RSS after the sequential phase
+    resident_kib_total: dict[str, int]  # ... and after the bursts too
+
+
+def measure(bed: Testbed, variants: list[Variant], opts: argparse.Namespace) -> Measurements:
+    samples = measure_sequential(bed, variants, opts.n, opts.warmup)
+    after_sequential = bed.resident_peaks_kib()
+    bursts = measure_bursts(bed, variants, opts.pods, opts.concurrency, opts.rounds)
+    return Measurements(samples, bursts, after_sequential, bed.resident_peaks_kib())
+
+
+def build_report(variants: list[Variant], m: Measurements, settings: dict[str, Any]) -> Report:
+    samples, bursts = m.samples, m.bursts
+
     def per_variant(fn: Callable[[str], float]) -> dict[str, float]:
         return {v.key: round(fn(v.key), 2) for v in variants}
+
+    def mib(kib: dict[str, int]) -> dict[str, float]:
+        return {key: round(value / 1024, 2) for key, value in kib.items()}
 
     def burst_mean(key: str, part: Callable[[Burst], float]) -> float:
         return sum(part(b) for b in bursts[key]) / len(bursts[key])
@@ -632,6 +687,16 @@ def build_report(
         Row(f"{label}: total", "ms", per_variant(lambda k: burst_mean(k, lambda b: b.total_ms))),
         Row("peak RSS", "MiB", per_variant(lambda k: samples[k].maxrss_kib / 1024)),
     ]
+    if m.resident_kib_total:
+        report.rows += [
+            Row("agent peak RSS: sequential", "MiB", mib(m.resident_kib_sequential)),
+            Row("agent peak RSS: whole run", "MiB", mib(m.resident_kib_total)),
+        ]
+    floor = peak_rss_kib(os.getpid()) / 1024
+    report.notes.append(
+        f"a peak RSS at or below {floor:.1f} MiB (this bench process's own peak) is only an "
+        "upper bound: a spawned child's ru_maxrss starts at its spawner's high-water mark"
+    )
     return report
 
 
@@ -670,15 +735,14 @@ def main(argv: list[str]) -> int:
     }
     try:
         with testbed(variants, opts.bin_dir) as bed:
-            samples = measure_sequential(bed, variants, opts.n, opts.warmup)
-            bursts = measure_bursts(bed, variants, opts.pods, opts.concurrency, opts.rounds)
+            measurements = measure(bed, variants, opts)
     except BenchFailure as err:
         print(f"cni_bench: FAILED: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ncni_bench: interrupted; everything it created is removed", file=sys.stderr)
         return 130
-    report = build_report(variants, samples, bursts, settings)
+    report = build_report(variants, measurements, settings)
     report.print()
     print(f"\nwritten to {report.write('cni')}")
     return 0
