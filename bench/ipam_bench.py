@@ -1,13 +1,13 @@
 """IPAM allocation rate at 0 and at 10,000 already-allocated addresses in a /16.
 
-Three ways to allocate, each from the same pre-filled state:
-  (a) Go host-local, exec'd per allocation (the reference),
-  (b) our calico-ipam executable in pool mode on the local SQLite datastore, exec'd,
-  (c) the allocation engine in-process on the same SQLite file (what a warm agent pays).
+Go host-local, exec'd per allocation, is the reference. Against it, on each datastore
+(the local SQLite file, and etcd started here on loopback):
+  - our calico-ipam executable in pool mode, exec'd per allocation,
+  - the allocation engine in-process on one open connection (what a warm agent pays).
 The Calico fill is spread over FILL_NODES other nodes, as in a cluster (one node may own
-at most 20 blocks, i.e. 1,280 addresses); the measured node starts with no block. The
+at most 20 blocks, i.e. 1,280 addresses); each measured node starts with no block. The
 host-local fill is 10,000 files in its dataDir, as 10,000 earlier ADDs leave them.
-The two executables are interleaved per allocation. No root needed.
+The executables are interleaved per allocation. No root needed.
 
 Run after `make build`: .venv/bin/python bench/ipam_bench.py
 """
@@ -18,12 +18,14 @@ import argparse
 import ipaddress
 import json
 import os
-import shutil
+import string
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,42 +34,87 @@ from cni_bench import (
     Report,
     Row,
     bin_dir,
-    calico_ipam_conf,
+    calico_conf,
     cni_bin_dir,
     cni_env,
     create_pool,
+    local_datastore_keys,
+    open_datastore,
     percentile,
     ptp_conf,
     raise_on_sigterm,
     run_plugin,
 )
 
-NODE = "bench-node"
+# cni_bench has put the repository on sys.path.
+from tests.etcd_fixture import ETCD_BINARY, EtcdCluster, start_etcd
+
+# calico-ipam allocates for cni_bench.NODE_NAME; the engine, measured after it in the same
+# datastore, gets a node of its own so that it too starts without a block.
+ENGINE_NODE = "bench-engine-node"
 POOL_CIDR = "10.82.0.0/16"
 # IPAM plugins get the pod's netns path but never enter it; this one need not exist.
 UNUSED_NETNS = "/var/run/netns/ipam-bench-unused"
 
 
+def nothing() -> None:
+    """A fresh directory per fill is all the local datastore needs to start empty."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One datastore the Calico columns run on: its netconf keys for a state directory
+    (the fill's, so nothing is shared between fills) and how to empty it between fills."""
+
+    name: str
+    title: str
+    keys: Callable[[Path], dict[str, str]]
+    reset: Callable[[], None] = nothing
+
+
+LOCAL = Backend("local", "local SQLite", local_datastore_keys)
+
+
+def etcd_keys(cluster: EtcdCluster, state: Path) -> dict[str, str]:
+    return {**cluster.netconf(), "ipam_lock_file": str(state / "ipam.lock")}
+
+
+@contextmanager
+def etcd_backend(directory: Path) -> Iterator[Backend]:
+    """One etcd member on loopback ports with its data in `directory`; stopped by its PID
+    when the block ends, however it ends (the caller removes the directory)."""
+    if not os.access(ETCD_BINARY, os.X_OK):
+        raise BenchFailure(f"{ETCD_BINARY} is missing: install etcd-server or use --datastores")
+    try:
+        cluster = start_etcd(directory)
+    except RuntimeError as err:
+        raise BenchFailure(f"etcd did not start: {err}") from err
+    print(f"etcd at {cluster.endpoint}", file=sys.stderr, flush=True)
+    try:
+        yield Backend("etcd", "etcd", partial(etcd_keys, cluster), cluster.wipe)
+    finally:
+        cluster.stop()
+
+
 @dataclass
 class Fill:
-    """One starting state: a Calico datastore and a host-local dataDir, both pre-filled."""
+    """One starting state: every backend's datastore and a host-local dataDir, pre-filled."""
 
     count: int
-    state: Path  # holds calico.db (what calico_ipam_conf points at) and host-local's dirs
+    state: Path  # holds host-local's dataDir and one directory per backend
 
-    @property
-    def db(self) -> Path:
-        return self.state / "calico.db"
+    def backend_state(self, backend: Backend) -> Path:
+        return self.state / backend.name
 
 
-def prefill_calico(db: Path, count: int, nodes: int) -> None:
-    """`count` addresses through the engine, one bulk request per node (seconds, not minutes)."""
-    from ipam_plugin.datastore.local import LocalDatastore
+def prefill_calico(keys: dict[str, str], count: int, nodes: int) -> None:
+    """The pool and `count` addresses through the engine, one bulk request per node
+    (seconds, not minutes, on either datastore)."""
     from ipam_plugin.engine import IPAM, AutoAssignRequest
 
-    create_pool(db, POOL_CIDR)
     per_node, extra = divmod(count, nodes)
-    with LocalDatastore(str(db)) as store:
+    with open_datastore(keys) as store:
+        create_pool(store, POOL_CIDR)
         engine = IPAM(store)
         for i in range(nodes):
             wanted = per_node + (i < extra)
@@ -97,27 +144,31 @@ def prefill_host_local(conf: dict[str, Any], count: int) -> None:
             store.reserve(first + i, f"fill-{i}{LINE_BREAK}eth0", 0)
 
 
-def prepare_fill(root: Path, count: int, nodes: int) -> Fill:
+def prepare_fill(root: Path, count: int, nodes: int, backends: list[Backend]) -> Fill:
     fill = Fill(count, root / f"fill-{count}")
     fill.state.mkdir()
-    prefill_calico(fill.db, count, nodes)
     prefill_host_local(ptp_conf(fill.state), count)
+    for backend in backends:
+        state = fill.backend_state(backend)
+        state.mkdir()
+        backend.reset()
+        print(f"fill {count:,}: pre-filling {backend.title}", file=sys.stderr, flush=True)
+        prefill_calico(backend.keys(state), count, nodes)
     return fill
 
 
-def engine_latencies(db: Path, n: int) -> list[float]:
+def engine_latencies(keys: dict[str, str], n: int) -> list[float]:
     """Per-allocation wall time (ms) of the engine on one open datastore, one handle each."""
-    from ipam_plugin.datastore.local import LocalDatastore
     from ipam_plugin.engine import IPAM, AutoAssignRequest
 
     times = []
-    with LocalDatastore(str(db)) as store:
+    with open_datastore(keys) as store:
         engine = IPAM(store)
-        engine.ensure_node(NODE)
+        engine.ensure_node(ENGINE_NODE)
         for i in range(n):
             start = time.perf_counter_ns()
             v4, _ = engine.auto_assign(
-                AutoAssignRequest(f"k8s-pod-network.engine-{i}", NODE, {"node": NODE})
+                AutoAssignRequest(f"k8s-pod-network.engine-{i}", ENGINE_NODE, {"node": ENGINE_NODE})
             )
             times.append((time.perf_counter_ns() - start) / 1e6)
             if not v4.ips:
@@ -126,42 +177,66 @@ def engine_latencies(db: Path, n: int) -> list[float]:
 
 
 @dataclass(frozen=True)
-class Executable:
-    """An IPAM plugin exec'd the way a main plugin delegates to it."""
+class Column:
+    """One way to allocate: Go host-local (no backend) or calico-ipam on a backend, exec'd
+    the way a main plugin delegates to it, or the engine in-process on that backend."""
 
     key: str
     title: str
-    plugin: str
-    netconf: Callable[[Path], dict[str, Any]]
+    backend: Backend | None = None
+    in_process: bool = False
+
+    @property
+    def plugin(self) -> str:
+        return "calico-ipam" if self.backend else "host-local"
+
+    def keys(self, fill: Fill) -> dict[str, str]:
+        assert self.backend is not None
+        return self.backend.keys(fill.backend_state(self.backend))
+
+    def netconf(self, fill: Fill) -> dict[str, Any]:
+        if self.backend is None:
+            return ptp_conf(fill.state)
+        return calico_conf({"type": "calico-ipam"}, **self.keys(fill))
 
 
-EXECUTABLES = [
-    Executable("a", "Go host-local (exec)", "host-local", ptp_conf),
-    Executable("b", "calico-ipam (exec, pool mode)", "calico-ipam", calico_ipam_conf),
-]
-ENGINE_KEY, ENGINE_TITLE = "c", "engine in-process (local SQLite)"
+def columns_for(backends: list[Backend]) -> list[Column]:
+    """The reference first, then an exec and an engine column per backend."""
+    columns = [Column("a", "Go host-local (exec)")]
+    keys = iter(string.ascii_lowercase[1:])
+    for backend in backends:
+        columns.append(Column(next(keys), f"calico-ipam exec, {backend.title}", backend))
+        columns.append(Column(next(keys), f"engine in-process, {backend.title}", backend, True))
+    return columns
 
 
-def exec_latencies(fill: Fill, cni_path: str, n: int) -> dict[str, list[float]]:
+def exec_latencies(
+    fill: Fill, columns: list[Column], cni_path: str, n: int
+) -> dict[str, list[float]]:
     """ADD wall times (ms) per executable, interleaved one allocation at a time."""
-    stdin = {e.key: json.dumps(e.netconf(fill.state)).encode() for e in EXECUTABLES}
-    times: dict[str, list[float]] = {e.key: [] for e in EXECUTABLES}
+    stdin = {c.key: json.dumps(c.netconf(fill)).encode() for c in columns}
+    times: dict[str, list[float]] = {c.key: [] for c in columns}
     for i in range(n):
-        for e in EXECUTABLES:
+        for c in columns:
             env = cni_env("ADD", f"ipam-bench-{i}", UNUSED_NETNS, cni_path)
-            done = run_plugin(os.path.join(cni_path, e.plugin), env, stdin[e.key])
+            done = run_plugin(os.path.join(cni_path, c.plugin), env, stdin[c.key])
             if done.code != 0 or not (done.json() or {}).get("ips"):
-                raise BenchFailure(f"({e.key}) ADD {i} at fill {fill.count}: {done.describe()}")
-            times[e.key].append(done.wall_ms)
+                raise BenchFailure(f"({c.key}) ADD {i} at fill {fill.count}: {done.describe()}")
+            times[c.key].append(done.wall_ms)
     return times
 
 
-def measure(fill: Fill, cni_path: str, exec_n: int, engine_n: int) -> dict[str, list[float]]:
-    """All three from identical starting states: the engine gets a copy made beforehand."""
-    engine_db = fill.state.parent / f"engine-{fill.count}.db"
-    shutil.copyfile(fill.db, engine_db)
-    times = exec_latencies(fill, cni_path, exec_n)
-    times[ENGINE_KEY] = engine_latencies(engine_db, engine_n)
+def measure(
+    fill: Fill, columns: list[Column], cni_path: str, exec_n: int, engine_n: int
+) -> dict[str, list[float]]:
+    """The executables first, then the engine on its own node in each datastore: every
+    measured node starts without a block in a pool holding the fill."""
+    execs = [c for c in columns if not c.in_process]
+    times = exec_latencies(fill, execs, cni_path, exec_n)
+    for c in columns:
+        if c.in_process:
+            print(f"fill {fill.count:,}: ({c.key}) {c.title}", file=sys.stderr, flush=True)
+            times[c.key] = engine_latencies(c.keys(fill), engine_n)
     return times
 
 
@@ -169,9 +244,10 @@ def rate(times_ms: list[float]) -> float:
     return len(times_ms) / (sum(times_ms) / 1000)
 
 
-def build_report(results: dict[int, dict[str, list[float]]], settings: dict[str, Any]) -> Report:
-    columns = {e.key: e.title for e in EXECUTABLES} | {ENGINE_KEY: ENGINE_TITLE}
-    report = Report("IPAM allocations", columns, settings)
+def build_report(
+    columns: list[Column], results: dict[int, dict[str, list[float]]], settings: dict[str, Any]
+) -> Report:
+    report = Report("IPAM allocations", {c.key: c.title for c in columns}, settings)
     for count, times in results.items():
         report.rows.append(
             Row(
@@ -197,8 +273,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fill-nodes", type=int, default=100, help="nodes the fill is spread on")
     parser.add_argument("--exec-n", type=int, default=30, help="ADDs per executable and fill")
     parser.add_argument("--engine-n", type=int, default=500, help="in-process allocations per fill")
+    parser.add_argument(
+        "--datastores", default="local,etcd", help="comma-separated: local, etcd, or both"
+    )
     parser.add_argument("--bin-dir", type=Path, default=bin_dir(), help="our launchers")
     return parser.parse_args(argv)
+
+
+@contextmanager
+def backends_for(names: list[str], root: Path) -> Iterator[list[Backend]]:
+    """The datastores asked for, in the order asked; etcd lives only inside the block."""
+    with ExitStack() as stack:
+        backends = []
+        for name in names:
+            if name == "local":
+                backends.append(LOCAL)
+            elif name == "etcd":
+                backends.append(stack.enter_context(etcd_backend(root / "etcd")))
+            else:
+                raise BenchFailure(f"unknown datastore {name!r}: use local and/or etcd")
+        yield backends
 
 
 def main(argv: list[str]) -> int:
@@ -211,26 +305,27 @@ def main(argv: list[str]) -> int:
         "pool": POOL_CIDR,
         "exec_n": opts.exec_n,
         "engine_n": opts.engine_n,
+        "datastores": opts.datastores.split(","),
         "bin_dir": str(opts.bin_dir),
     }
     results: dict[int, dict[str, list[float]]] = {}
     try:
-        with (
-            cni_bin_dir(opts.bin_dir) as cni_path,
-            tempfile.TemporaryDirectory(prefix="ipam-bench-") as root,
-        ):
+        with ExitStack() as stack:
+            cni_path = stack.enter_context(cni_bin_dir(opts.bin_dir))
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ipam-bench-")))
+            backends = stack.enter_context(backends_for(settings["datastores"], root))
+            columns = columns_for(backends)
             for count in counts:
-                print(f"fill {count:,}: pre-filling", file=sys.stderr, flush=True)
-                fill = prepare_fill(Path(root), count, opts.fill_nodes)
+                fill = prepare_fill(root, count, opts.fill_nodes, backends)
                 print(f"fill {count:,}: measuring", file=sys.stderr, flush=True)
-                results[count] = measure(fill, cni_path, opts.exec_n, opts.engine_n)
+                results[count] = measure(fill, columns, cni_path, opts.exec_n, opts.engine_n)
     except BenchFailure as err:
         print(f"ipam_bench: FAILED: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nipam_bench: interrupted; everything it created is removed", file=sys.stderr)
         return 130
-    report = build_report(results, settings)
+    report = build_report(columns, results, settings)
     report.print()
     print(f"\nwritten to {report.write('ipam')}")
     return 0
