@@ -51,8 +51,10 @@ lint: venv
 demo: build
 	scripts/demo
 
+# One run of both benchmarks (bench/README.md); options via CNI_BENCH_ARGS / IPAM_BENCH_ARGS.
 bench: build
-	$(VENV)/bin/python bench/cni_bench.py
+	$(VENV)/bin/python bench/cni_bench.py $(CNI_BENCH_ARGS)
+	$(VENV)/bin/python bench/ipam_bench.py $(IPAM_BENCH_ARGS)
 
 clean:
 	rm -rf build dist

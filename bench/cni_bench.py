@@ -9,7 +9,7 @@ its VmHWM. The bench process itself enters the node netns, so no nsenter exec is
 
 Also home of the helpers the other bench scripts share (plugin exec, percentiles, report).
 
-Run as root after `make build`: .venv/bin/python bench/cni_bench.py [-n 30]
+Run as root after `make build`: .venv/bin/python bench/cni_bench.py [-n 20]
 """
 
 from __future__ import annotations
@@ -702,7 +702,7 @@ def build_report(variants: list[Variant], m: Measurements, settings: dict[str, A
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", type=int, default=30, help="timed sequential iterations")
+    parser.add_argument("-n", type=int, default=20, help="timed sequential iterations")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     parser.add_argument("--pods", type=int, default=100, help="pods per burst")
     parser.add_argument("--concurrency", type=int, default=10, help="threads per burst")
