@@ -5,8 +5,9 @@ A one-shot plugin spends ~300 ms importing pyroute2 and friends before doing any
 root-only Unix socket, one thread per connection (wire format in agent_client). A request
 runs the very code a one-shot plugin runs (`roles.execute` with the request's environment
 and stdin); its log records go back to the caller's stderr. IPAM type `calico-ipam` runs
-in-process, as in a one-shot plugin. Nothing is cached between requests: pools, blocks and
-node labels are read from the datastore every time, so they are never stale.
+in-process, as in a one-shot plugin. Datastore clients stay open between requests
+(datastore/kept.py); the data is not cached: pools, blocks and node labels are read from the
+datastore every time, so they are never stale.
 
 Node-wide IPAM serialisation is the same flock as in one-shot plugins: each request opens
 the lock file itself, and flocks on separate open file descriptions exclude each other
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 from cni_plugin import agent_client, logs, roles, skel
 from cni_plugin.ctl_errors import CommandError
+from ipam_plugin.datastore.config import keep_clients_open
 
 COMPONENT = "cni-agent"
 DEFAULT_SOCKET = agent_client.DEFAULT_SOCKET.decode()
@@ -53,9 +55,6 @@ WARM_MODULES = (
     "ipam_plugin.datastore.local",
     "ipam_plugin.datastore.etcd",
     "ipam_plugin.datastore.kubernetes",
-    "pyroute2",
-    "pyroute2.netlink.exceptions",
-    "jsonschema",
 )
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -367,9 +366,13 @@ def run(opts: argparse.Namespace) -> int:
         raise CommandError("calico agent: must run as root (it serves root-only CNI requests)")
     logs.route_requests(COMPONENT, opts.log_level, opts.log_file)
     prepare_process()
+    kept = keep_clients_open()
     agent = Agent(os.path.abspath(opts.socket), opts.drain_seconds)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.request_stop())
-    agent.serve()
+    try:
+        agent.serve()
+    finally:
+        kept.close()
     log.info("stopped")
     return 0

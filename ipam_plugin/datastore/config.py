@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cni_plugin.types import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError
 from ipam_plugin.datastore.base import (
@@ -20,6 +20,9 @@ from ipam_plugin.datastore.base import (
     DatastoreError,
     DatastoreUnavailable,
 )
+
+if TYPE_CHECKING:
+    from ipam_plugin.datastore.kept import KeptClients
 
 DEFAULT_LOCAL_PATH = "/var/lib/calico/calico.db"
 DEFAULT_ETCD = "http://127.0.0.1:2379"  # libcalico-go's default when no endpoint is set
@@ -30,6 +33,9 @@ _ETCD_TLS_SETTINGS = ("etcd_scheme", "etcd_key_file", "etcd_cert_file", "etcd_ca
 def _setting(conf: dict[str, Any], env: Mapping[str, str], name: str) -> str:
     """A netconf key (e.g. `etcd_cert_file`), else its environment variable (`ETCD_CERT_FILE`)."""
     return conf.get(name) or env.get(name.upper(), "")
+
+
+_kept: KeptClients | None = None
 
 
 @dataclass
@@ -70,6 +76,27 @@ class DatastoreSettings:
 
     def open(self) -> Datastore:
         """The backend for `type`; its DatastoreErrors reach the caller untranslated."""
+        identity = self._identity() if _kept is not None else None
+        if _kept is None or identity is None:
+            return self._connect()
+        return _kept.borrow(identity, self._connect)
+
+    def _identity(self) -> tuple[Any, ...] | None:
+        """What a kept client must match (kept.py); None: never keep this one."""
+        try:
+            if self.type == "local":
+                st = os.stat(self.local_path)
+                return ("local", self.local_path, st.st_dev, st.st_ino)
+            if self.type == "etcdv3":
+                files = (self.etcd_cert_file, self.etcd_key_file, self.etcd_ca_cert_file)
+                stamps = tuple(os.stat(f).st_mtime_ns if f else 0 for f in files)
+                return ("etcdv3", self.etcd_endpoints, self.etcd_scheme, files, stamps)
+        except OSError:
+            return None  # opening reports the problem
+        # Kubernetes credentials (tokens, exec kubeconfigs) change under a kept client.
+        return None
+
+    def _connect(self) -> Datastore:
         if self.type == "local":
             # Imported here so that range mode and the other verbs never load sqlite3.
             from ipam_plugin.datastore.local import LocalDatastore
@@ -94,6 +121,16 @@ class DatastoreSettings:
         from ipam_plugin.datastore.kubernetes import KubernetesDatastore
 
         return KubernetesDatastore(open_client(self.kube_conf, self.environ))
+
+
+def keep_clients_open() -> KeptClients:
+    """From now on this process keeps datastore clients between opens (the node agent)."""
+    global _kept
+    from ipam_plugin.datastore.kept import KeptClients
+
+    if _kept is None:
+        _kept = KeptClients()
+    return _kept
 
 
 @contextmanager

@@ -56,7 +56,11 @@ class LocalDatastore(Datastore):
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
         self._prepare_file()
         with self._translated("open"):
-            conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+            # The node agent hands a kept connection from one request's thread to the next
+            # (never to two at once: datastore/kept.py).
+            conn = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
             try:
                 self._check_schema(conn)
             except BaseException:
