@@ -3,8 +3,8 @@
 Follows calico-behaviour.md §2: host end `cali<hash>` with MAC ee:ee:ee:ee:ee:ee, the pod
 end created directly inside the pod netns (no move, cost-floor.md §4), pod routes via
 169.254.1.1 and fe80::ecee:eeff:feee:eeee, host sysctls, one scope-link host route per IP.
-pyroute2 is imported inside the functions: DEL without a netns and the other verbs must
-not pay its ~250 ms import.
+Netlink goes through cni_plugin.rtnl (stdlib only; why not pyroute2 is measured there): one
+socket per netns per call, and the pod-side changes in one batched send().
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ import hashlib
 import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-from cni_plugin import netns
+from cni_plugin import netns, rtnl
 from cni_plugin.types import (
     ERR_INTERNAL,
     ERR_INVALID_ENV,
@@ -31,17 +29,11 @@ from cni_plugin.types import (
     IPNetwork,
 )
 
-if TYPE_CHECKING:
-    from pyroute2 import IPRoute
-
 log = logging.getLogger(__name__)
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = ipaddress.ip_address("169.254.1.1")
 GATEWAY_V6 = ipaddress.ip_address("fe80::ecee:eeff:feee:eeee")
-SCOPE_LINK = 253
-PROTO_BOOT = 3
-IFA_F_NODAD = 0x02
 DEFAULT_PREFIX = "cali"
 DEL_TIMEOUT_S = 20.0
 _V6_LL_ATTEMPTS = 10
@@ -150,178 +142,139 @@ def _netlink_error(exc: Exception, what: str) -> CNIError:
 
 def setup_pod(spec: PodSpec) -> PodInterfaces:
     """Create and configure the pod's veth pair; on failure remove whatever was created."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     pod_fd = netns.open_netns_for_add(spec.netns_path)
-    with netns.entered(pod_fd):
-        pod = IPRoute()
-    host = IPRoute()
     try:
-        if pod.link_lookup(ifname=spec.ifname):
-            raise CNIError(
-                ERR_INVALID_ENV,
-                f"interface {spec.ifname!r} already exists in netns {spec.netns_path}",
-                "CNI_IFNAME must name a new interface in the container",
-            )
-        _delete_stale_host_veth(host, spec.host_ifname)
-        try:
-            _create_veth(host, spec, pod_fd)
-        except NetlinkError as exc:
-            raise _netlink_error(exc, f"failed to create veth {spec.host_ifname}") from exc
-        try:
-            return _configure(host, pod, pod_fd, spec)
-        except NetlinkError as exc:
-            _remove_link(host, spec.host_ifname)
-            raise _netlink_error(exc, f"failed to configure {spec.ifname}") from exc
-        except BaseException:
-            _remove_link(host, spec.host_ifname)
-            raise
+        with netns.entered(pod_fd):
+            pod = rtnl.RtnlSocket()
+        with pod, rtnl.RtnlSocket() as host:
+            if pod.link_index(spec.ifname) is not None:
+                raise CNIError(
+                    ERR_INVALID_ENV,
+                    f"interface {spec.ifname!r} already exists in netns {spec.netns_path}",
+                    "CNI_IFNAME must name a new interface in the container",
+                )
+            if _remove_link(host, spec.host_ifname):
+                log.info("Deleted stale host veth %s", spec.host_ifname)
+            try:
+                _create_veth(host, spec, pod_fd)
+            except rtnl.NetlinkError as exc:
+                raise _netlink_error(exc, f"failed to create veth {spec.host_ifname}") from exc
+            try:
+                return _configure(host, pod, pod_fd, spec)
+            except rtnl.NetlinkError as exc:
+                _remove_link(host, spec.host_ifname)
+                raise _netlink_error(exc, f"failed to configure {spec.ifname}") from exc
+            except BaseException:
+                _remove_link(host, spec.host_ifname)
+                raise
     finally:
-        host.close()
-        pod.close()
         os.close(pod_fd)
 
 
-def _delete_stale_host_veth(host: IPRoute, name: str) -> None:
-    """A leftover host veth of an earlier sandbox of the same pod blocks the create."""
-    if host.link_lookup(ifname=name):
-        log.info("Deleting stale host veth %s", name)
-        _remove_link(host, name)
-
-
-def _remove_link(ipr: IPRoute, name: str) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
+def _remove_link(sock: rtnl.RtnlSocket, name: str) -> bool:
+    """Delete link `name` (a leftover host veth of an earlier sandbox of the same pod would
+    block the create); False when there was none."""
     try:
-        ipr.link("del", ifname=name)
-    except NetlinkError as exc:
+        sock.delete_link(name)
+    except rtnl.NetlinkError as exc:
         if exc.code != errno.ENODEV:
             raise
+        return False
+    return True
 
 
-def _create_veth(host: IPRoute, spec: PodSpec, pod_fd: int) -> None:
-    peer: dict[str, Any] = {"ifname": spec.ifname, "net_ns_fd": pod_fd}
-    if spec.pod_mac:
-        peer["address"] = spec.pod_mac
-    extra: dict[str, Any] = {}
-    if spec.mtu:
-        peer["mtu"] = extra["mtu"] = spec.mtu
-    if spec.num_queues > 1:
-        for attrs in (peer, extra):
-            attrs["num_tx_queues"] = attrs["num_rx_queues"] = spec.num_queues
-    host.link("add", ifname=spec.host_ifname, kind="veth", address=HOST_MAC, peer=peer, **extra)
+def _create_veth(host: rtnl.RtnlSocket, spec: PodSpec, pod_fd: int) -> None:
+    host.create_veth(
+        spec.host_ifname,
+        spec.ifname,
+        peer_netns_fd=pod_fd,
+        mac=HOST_MAC,
+        peer_mac=spec.pod_mac,
+        mtu=spec.mtu,
+        num_queues=spec.num_queues if spec.num_queues > 1 else 0,
+    )
 
 
-def _configure(host: IPRoute, pod: IPRoute, pod_fd: int, spec: PodSpec) -> PodInterfaces:
+def _created_link(sock: rtnl.RtnlSocket, name: str) -> rtnl.Link:
+    """The link we just created; gone already means someone deleted it under us."""
+    link = sock.link(name)
+    if link is None:
+        raise rtnl.NetlinkError(errno.ENODEV, f"getting link {name}")
+    return link
+
+
+def _configure(
+    host: rtnl.RtnlSocket, pod: rtnl.RtnlSocket, pod_fd: int, spec: PodSpec
+) -> PodInterfaces:
     families = spec.families()
-    host_index = socket.if_nametoindex(spec.host_ifname)
+    host_index = _created_link(host, spec.host_ifname).index
+    eth0 = _created_link(pod, spec.ifname)  # its MAC too: the kernel's, or spec.pod_mac
     with netns.entered(pod_fd):
-        pod_index = socket.if_nametoindex(spec.ifname)
         if 6 in families:
             write_sysctl(iface_sysctl("ipv6", spec.ifname, "accept_dad"), "0")
-    _apply_sysctls(host_sysctls(spec.host_ifname, families))
-    host.link("set", index=host_index, state="up")
-    pod.link("set", index=pod_index, state="up")
-    pod_mac = pod.link("get", index=pod_index)[0].get("IFLA_ADDRESS")
-    v4_routes = [r for r in spec.routes if r.version == 4]
-    v6_routes = [r for r in spec.routes if r.version == 6]
-    if 4 in families:
-        pod.route(
-            "add",
-            dst=str(GATEWAY_V4),
-            dst_len=32,
-            oif=pod_index,
-            scope=SCOPE_LINK,
-            proto=PROTO_BOOT,
-        )
-        for dst in v4_routes:
-            _add_pod_route(pod, dst, GATEWAY_V4, pod_index)
-    if 6 in families:
-        with netns.entered(pod_fd):
             for dev in ("all", "default", "lo"):
                 write_sysctl(f"net/ipv6/conf/{dev}/disable_ipv6", "0")
-        _wait_host_link_local(host, host_index)
-        for dst in v6_routes:
-            _add_pod_route(pod, dst, GATEWAY_V6, pod_index)
-    for ip in spec.ips:
-        flags = IFA_F_NODAD if ip.version == 6 else 0
-        pod.addr(
-            "add", index=pod_index, address=str(ip.ip), prefixlen=ip.network.prefixlen, flags=flags
-        )
-    with netns.entered(pod_fd):
         for name, value in _pod_forwarding_sysctls(families, spec.allow_ip_forwarding):
             write_sysctl(name, value)
+    _apply_sysctls(host_sysctls(spec.host_ifname, families))
+    host.set_link(host_index, up=True)
+    # One send(); the kernel handles the messages in order, so the route via 169.254.1.1
+    # finds the scope-link route to it added just before.
+    with pod.batch() as batch:
+        batch.set_link(eth0.index, up=True)
+        if 4 in families:
+            batch.add_route(ipaddress.ip_network(GATEWAY_V4), oif=eth0.index, scope=rtnl.SCOPE_LINK)
+        for dst in spec.routes:
+            if dst.version in families:
+                gateway = GATEWAY_V4 if dst.version == 4 else GATEWAY_V6
+                batch.add_route(dst, oif=eth0.index, gateway=gateway)
+        for ip in spec.ips:
+            flags = rtnl.IFA_F_NODAD if ip.version == 6 else 0
+            batch.add_address(eth0.index, ip.ip, ip.network.prefixlen, flags=flags)
+    if 6 in families:
+        _wait_host_link_local(host, host_index)
     for ip in spec.ips:
         _add_host_route(host, ip, host_index, spec.host_ifname)
     return PodInterfaces(
         host=Interface(name=spec.host_ifname, mac=HOST_MAC),
-        pod=Interface(name=spec.ifname, mac=pod_mac, mtu=spec.mtu, sandbox=spec.netns_path),
+        pod=Interface(name=spec.ifname, mac=eth0.mac, mtu=spec.mtu, sandbox=spec.netns_path),
     )
 
 
-def _add_pod_route(pod: IPRoute, dst: IPNetwork, gateway: Any, index: int) -> None:
-    pod.route(
-        "add",
-        dst=str(dst.network_address),
-        dst_len=dst.prefixlen,
-        gateway=str(gateway),
-        oif=index,
-        proto=PROTO_BOOT,
-        family=socket.AF_INET if dst.version == 4 else socket.AF_INET6,
-    )
-
-
-def _wait_host_link_local(host: IPRoute, index: int) -> None:
+def _wait_host_link_local(host: rtnl.RtnlSocket, index: int) -> None:
     """The host end's link-local appears late; Calico toggles the link until it is ours."""
     for _ in range(_V6_LL_ATTEMPTS):
-        addrs = [
-            a.get("IFA_ADDRESS") for a in host.addr("dump", index=index, family=socket.AF_INET6)
-        ]
-        if str(GATEWAY_V6) in addrs:
+        addrs = [a.address for a in host.addresses(index, rtnl.AF_INET6)]
+        if GATEWAY_V6 in addrs:
             return
         if addrs:
-            host.link("set", index=index, state="down")
-            host.link("set", index=index, address=HOST_MAC)
+            host.set_link(index, up=False)
+            host.set_link(index, mac=HOST_MAC)
             time.sleep(_V6_LL_INTERVAL_S)
-            host.link("set", index=index, state="up")
+            host.set_link(index, up=True)
         time.sleep(_V6_LL_INTERVAL_S)
     raise CNIError(
         ERR_TRY_AGAIN_LATER, "failed to get IPv6 addresses for host side of the pod interface"
     )
 
 
-def _add_host_route(host: IPRoute, ip: IPInterface, index: int, ifname: str) -> None:
+def _add_host_route(host: rtnl.RtnlSocket, ip: IPInterface, index: int, ifname: str) -> None:
     """One /32 (/128) scope-link route per IP; an identical one (Felix's) is fine."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     bits = ip.max_prefixlen
     try:
-        host.route(
-            "add",
-            dst=str(ip.ip),
-            dst_len=bits,
-            oif=index,
-            scope=SCOPE_LINK,
-            proto=PROTO_BOOT,
-            family=family,
-        )
+        host.add_route(ipaddress.ip_network(ip.ip), oif=index, scope=rtnl.SCOPE_LINK)
         return
-    except NetlinkError as exc:
+    except rtnl.NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise _netlink_error(
                 exc, f"error adding host side routes for interface: {ifname}"
             ) from exc
-    existing = host.route("get", dst=str(ip.ip), family=family)
-    oifs = [r.get("RTA_OIF") for r in existing]
+    oifs = [r.oif for r in host.route_get(ip.ip)]
     if index in oifs:
         return
     other = oifs[0] if oifs else 0
-    try:
-        other_name = socket.if_indextoname(other)
-    except OSError:
-        other_name = "?"
+    other_link = host.link(index=other) if other else None
+    other_name = other_link.name if other_link else "?"
     raise CNIError(
         ERR_INTERNAL,
         f"error adding host side routes for interface: {ifname}, error: route (Ifindex: {index}, "
@@ -342,19 +295,14 @@ def teardown_pod(netns_path: str, ifname: str, timeout: float = DEL_TIMEOUT_S) -
     except netns.NetnsGone:
         log.info("Workload's netns already gone. Nothing to do.")
         return
-    # Imported before the deadline starts: on a loaded node the import alone takes seconds.
-    from pyroute2 import IPRoute
-
     outcome: list[BaseException] = []
 
     def delete() -> None:
         try:
             with netns.entered(pod_fd):
-                ipr = IPRoute()
-            try:
-                _remove_link(ipr, ifname)
-            finally:
-                ipr.close()
+                sock = rtnl.RtnlSocket()
+            with sock:
+                _remove_link(sock, ifname)
         except BaseException as exc:
             outcome.append(exc)
 
