@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Callable
 
 from cni_plugin.skel import Request
@@ -75,12 +74,18 @@ def exec_plugin(plugin_type: str, command: str, req: Request, stdin: bytes | Non
         if code != 0:
             raise _delegate_error(plugin_type, out)
         return out
+    return _exec(binary, plugin_type, command, delegate_env(command, req), data)
+
+
+def _exec(binary: str, plugin_type: str, command: str, env: dict[str, str], data: bytes) -> bytes:
+    import subprocess  # ~7 ms: only a delegate that is not this program needs it
+
     try:
         proc = subprocess.run(
             [binary],
             input=data,
             stdout=subprocess.PIPE,
-            env=delegate_env(command, req),
+            env=env,
             timeout=EXEC_TIMEOUT_S,
             check=False,
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -185,7 +184,7 @@ class NetConf:
             pass
         if self.hostname:
             return self.hostname
-        return socket.gethostname().strip().lower()
+        return os.uname().nodename.strip().lower()  # gethostname(2), without socket's import
 
     def resolve_mtu(self) -> int:
         """`mtu`, else the MTU file calico/node writes; 0 means the kernel default."""

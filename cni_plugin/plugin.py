@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from cni_plugin import ipam_exec, k8s, workload
+from cni_plugin import ipam_exec, workload
 from cni_plugin.netconf import NetConf, load_with_logging
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -29,6 +29,7 @@ from cni_plugin.workload import WorkloadID
 from ipam_plugin.datastore.config import DatastoreSettings, translate_errors
 
 if TYPE_CHECKING:
+    from cni_plugin import k8s
     from ipam_plugin.datastore.base import Datastore
     from ipam_plugin.datastore.k8s_client import KubeClient
 
@@ -90,6 +91,8 @@ def _kube_client(conf: NetConf, req: Request, settings: DatastoreSettings) -> Ku
     )
     k8s_policy = conf.policy_type == "k8s" and bool(req.args.get("K8S_POD_NAME"))
     if settings.type == "kubernetes" or k8s_policy or pod_cidr:
+        from cni_plugin import k8s  # the API server client: only calls that need it import it
+
         return k8s.client_for(conf, req)
     return None
 
@@ -120,6 +123,8 @@ def cmd_add(req: Request) -> Result:
             workload.require_ready(store)
         pod_add = None
         if kube is not None:
+            from cni_plugin import k8s
+
             pod_add = k8s.PodAdd.prepare(conf, req, kube, kdd=settings.type == "kubernetes")
         result = _add_with_ipam(req, conf, ipam_type, host_ifname, mtu, store, wid, pod_add)
     log.info(
@@ -235,6 +240,8 @@ def cmd_del(req: Request) -> None:
     pod = req.args.get("K8S_POD_NAME")
     if settings.type == "kubernetes" and pod:
         # First, as Calico does: a DEL that cannot reach the API server changes nothing.
+        from cni_plugin import k8s
+
         with translate_errors(), k8s.client_for(conf, req) as kube:
             k8s.release_pod_ips(kube, req.args.get("K8S_POD_NAMESPACE", ""), pod, req.container_id)
     log.info("Releasing address using handleID", extra={"fields": _fields(req)})
