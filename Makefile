@@ -28,8 +28,8 @@ build: deps
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(DIST) \
 		--workpath build/pyinstaller build.spec
 	mkdir -p $(DIST)/bin
-	scripts/write-launcher $(DIST)/bin/calico $(DIST)/$(BUNDLE_NAME)/calico
-	ln -sf calico $(DIST)/bin/calico-ipam
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-ipam
 
 install:
 	test -x $(DIST)/$(BUNDLE_NAME)/calico || { echo "run 'make build' first" >&2; exit 1; }
@@ -38,8 +38,8 @@ install:
 	cp -a $(DIST)/$(BUNDLE_NAME) $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new
 	rm -rf $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
 	mv $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
-	scripts/write-launcher $(DESTDIR)$(BINDIR)/calico $(BINDIR)/$(BUNDLE_NAME)/calico
-	scripts/write-launcher $(DESTDIR)$(BINDIR)/calico-ipam $(BINDIR)/$(BUNDLE_NAME)/calico
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
 
 test: build
 	scripts/run-tests

@@ -1,17 +1,17 @@
 #!/bin/sh
-# Start-up cost of the shipped onedir launcher against a onefile build of the same spec,
-# the interpreter floor and a Go plugin: hyperfine -N (no shell) on CNI_COMMAND=VERSION.
-# Builds the onefile variant first (build/onefile/calico). Needs `make build` for dist/.
-#   RUNS (default 30), WARMUP (default 3), CALICO_BIN_DIR (default dist/bin),
-#   CALICO_BUNDLE (default: calico-bundle/calico beside the bin dir).
+# Start-up cost of the shipped onedir executable (a symlink to the bundle) against a
+# onefile build of the same spec, the interpreter floor and a Go plugin, standalone and
+# handed to a node agent (the client's floor): hyperfine -N on CNI_COMMAND=VERSION.
+# Builds the onefile variant first (build/onefile/calico). Needs `make build` for dist/;
+# run as root (the agent serves root only).
+#   RUNS (default 30), WARMUP (default 3), CALICO_BIN_DIR (default dist/bin).
 set -eu
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-30}
 WARMUP=${WARMUP:-3}
 BIN_DIR=${CALICO_BIN_DIR:-dist/bin}
-BUNDLE=${CALICO_BUNDLE:-$(dirname "$BIN_DIR")/calico-bundle/calico}
 
-for exe in "$BIN_DIR/calico" "$BUNDLE" /usr/lib/cni/ptp; do
+for exe in "$BIN_DIR/calico" /usr/lib/cni/ptp; do
   [ -x "$exe" ] || { echo "startup.sh: $exe is missing (run 'make build')" >&2; exit 1; }
 done
 
@@ -20,15 +20,38 @@ CALICO_ONEFILE=1 .venv/bin/pyinstaller --noconfirm --log-level WARN \
   --distpath build/onefile --workpath build/onefile-work build.spec
 
 mkdir -p bench/results
+work=$(mktemp -d /tmp/startup-bench.XXXXXX)
+agent_pid=
+cleanup() {
+  [ -n "$agent_pid" ] && kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+# The layout before the symlinks: a two-line sh launcher in front of the bundle.
+printf '#!/bin/sh\nexec %s "$@"\n' "$(readlink -f "$BIN_DIR/calico")" > "$work/calico-sh"
+chmod 0755 "$work/calico-sh"
+mkdir -m 0700 "$work/agent"
+CNI_COMMAND= "$BIN_DIR/calico" agent --socket "$work/agent/agent.sock" 2>"$work/agent.log" &
+agent_pid=$!
+i=0
+until [ -S "$work/agent/agent.sock" ]; do
+  i=$((i + 1))
+  [ "$i" -lt 100 ] || { echo "startup.sh: the agent did not start:" >&2; cat "$work/agent.log" >&2; exit 1; }
+  sleep 0.1
+done
 raw=bench/results/startup-hyperfine-$(date +%Y%m%d-%H%M%S).json
-# Every command inherits it; python3 -c pass ignores it. hyperfine gives stdin /dev/null.
-export CNI_COMMAND=VERSION
+# Every command inherits them; the others ignore them. hyperfine gives stdin /dev/null.
+# The standalone rows point the client at a socket that does not exist (through `env`,
+# ~1 ms, negligible there); the agent rows exec the client directly.
+export CNI_COMMAND=VERSION CALICO_AGENT_SOCKET="$work/agent/agent.sock"
+no_agent="env CALICO_AGENT_SOCKET=$work/no-agent.sock"
 hyperfine -N --warmup "$WARMUP" --runs "$RUNS" --export-json "$raw" \
   -n "Go ptp VERSION" /usr/lib/cni/ptp \
   -n "python3 -I -S -c pass" "/usr/bin/python3 -I -S -c pass" \
-  -n "calico onedir via launcher (shipped)" "$BIN_DIR/calico" \
-  -n "calico onedir bundle, no launcher" "$BUNDLE" \
-  -n "calico onefile" build/onefile/calico
+  -n "calico onedir, handed to the agent (shipped link)" "$BIN_DIR/calico" \
+  -n "calico onedir, handed to the agent, behind an sh launcher" "$work/calico-sh" \
+  -n "calico onedir, standalone (shipped link)" "$no_agent $BIN_DIR/calico" \
+  -n "calico onefile, standalone" "$no_agent build/onefile/calico"
 
 # The same summary table and JSON layout as the other benchmarks.
 .venv/bin/python - "$raw" <<'EOF'

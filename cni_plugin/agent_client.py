@@ -144,6 +144,7 @@ def hand_off(role: bytes) -> Handoff:
 
 
 def exec_name() -> str:
-    """The name we were invoked as: the launcher passes it in CALICO_EXEC_NAME."""
+    """The name we were invoked as (argv[0] of the link; CALICO_EXEC_NAME when a wrapper
+    script runs the program, as the tests' source-tree wrappers do)."""
     name = posix.environ.get(b"CALICO_EXEC_NAME")
     return name.decode() if name else sys.argv[0].rpartition("/")[2]

@@ -1,9 +1,8 @@
 """The one entry point of the bundle: the role comes from the executable's name.
 
 As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin, otherwise
-the `calico` plugin, which without CNI_COMMAND is the admin CLI. The launcher scripts in
-dist/bin pass the name they were invoked as in CALICO_EXEC_NAME, because the PyInstaller
-bundle itself always sees its own name.
+the `calico` plugin, which without CNI_COMMAND is the admin CLI. `calico` and
+`calico-ipam` are symlinks to the bundle's executable, whose argv[0] keeps the link's name.
 
 A CNI invocation first tries the node agent (agent_client, builtins only); when none
 answers, this process does the whole job, importing only what the verb needs. Nothing

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # Calico's IPAM gives itself 90 s after taking the host lock; leave room for the lock wait.
 EXEC_TIMEOUT_S = 150.0
 SELF_TYPE = "calico"
-_LAUNCHER_MAX_BYTES = 4096
 
 # Runs a delegate inside this process: (environment, stdin) -> (exit code, stdout).
 InProcessRunner = Callable[[dict[str, str], bytes], tuple[int, bytes]]
@@ -102,16 +101,10 @@ def _exec(binary: str, plugin_type: str, command: str, env: dict[str, str], data
 
 
 def _is_our_bundle(binary: str, path: list[str]) -> bool:
-    """True when `binary` is the same program as the `calico` on this CNI_PATH: the same
-    file, or an identical launcher script (`make install` writes one per name)."""
+    """True when `binary` is the same program as the `calico` on this CNI_PATH (both are
+    links to one bundle executable)."""
     try:
-        ours = find_plugin(SELF_TYPE, path)
-        if os.path.samefile(binary, ours):
-            return True
-        if os.path.getsize(binary) > _LAUNCHER_MAX_BYTES:
-            return False
-        with open(binary, "rb") as a, open(ours, "rb") as b:
-            return a.read(_LAUNCHER_MAX_BYTES + 1) == b.read(_LAUNCHER_MAX_BYTES + 1)
+        return os.path.samefile(binary, find_plugin(SELF_TYPE, path))
     except (CNIError, OSError):
         return False
 
