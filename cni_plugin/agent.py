@@ -1,13 +1,13 @@
 """`calico agent`: the node agent that keeps the heavy imports warm and serves CNI requests.
 
-A one-shot plugin spends ~300 ms importing pyroute2 and friends before doing anything
-(cost-floor.md); the agent pays that once and serves each executable's request over a
-root-only Unix socket, one thread per connection (wire format in agent_client). A request
-runs the very code a one-shot plugin runs (`roles.execute` with the request's environment
-and stdin); its log records go back to the caller's stderr. IPAM type `calico-ipam` runs
-in-process, as in a one-shot plugin. Datastore clients stay open between requests
-(datastore/kept.py); the data is not cached: pools, blocks and node labels are read from the
-datastore every time, so they are never stale.
+A one-shot plugin spends ~100 ms importing the standard library and its own modules before
+doing anything (bench/README.md); the agent pays that once and serves each executable's
+request over a root-only Unix socket, one thread per connection (wire format in
+agent_client). A request runs the very code a one-shot plugin runs (`roles.execute` with
+the request's environment and stdin); its log records go back to the caller's stderr. IPAM
+type `calico-ipam` runs in-process, as in a one-shot plugin. Datastore clients stay open
+between requests (datastore/kept.py); the data is not cached: pools, blocks and node labels
+are read from the datastore every time, so they are never stale.
 
 Node-wide IPAM serialisation is the same flock as in one-shot plugins: each request opens
 the lock file itself, and flocks on separate open file descriptions exclude each other
