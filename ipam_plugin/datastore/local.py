@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,6 +37,7 @@ from ipam_plugin.model import (
 )
 
 SCHEMA_VERSION = 1
+_creating = threading.Lock()
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL,"
     " rev INTEGER NOT NULL) WITHOUT ROWID",
@@ -70,11 +72,22 @@ class LocalDatastore(Datastore):
 
     def _prepare_file(self) -> None:
         """Create the parent (0700) and the file (0600) ourselves: SQLite would use 0644,
-        and its -wal/-shm files copy the main file's mode."""
+        and its -wal/-shm files copy the main file's mode.
+
+        Only a file that does not exist yet is opened here: closing any descriptor of the
+        database drops every POSIX lock this process holds on it, including the locks of
+        the node agent's other open connections. Without its shared lock, another process
+        closing its last connection would checkpoint and delete the WAL under them, and
+        their later commits would go to the deleted file. The lock makes a concurrent
+        open in this process wait until the new file's descriptor is closed.
+        """
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            with _creating:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return
         except OSError as err:
             raise DatastoreUnavailable(
                 f"local datastore {self.path} cannot be opened: {err.strerror}"

@@ -115,6 +115,27 @@ def test_truncated_database_gives_a_clear_error(tmp_path: Path) -> None:
     assert str(path) in str(err.value)
 
 
+def _visit_and_leave(path: str, queue: Any) -> None:
+    """Another process's whole visit: open, read, close (its close may checkpoint)."""
+    with LocalDatastore(path) as other:
+        queue.put(len(other.list(HandleListOptions())))
+
+
+def test_commits_stay_visible_while_one_process_holds_several_connections(
+    db_path: str,
+) -> None:
+    """The node agent holds connections open across requests and opens more; opening one
+    must not drop the others' locks, or another process's close deletes the WAL they
+    still write to, and their commits vanish."""
+    kept = LocalDatastore(db_path)
+    kept.create(KVPair(HandleKey("h1"), IPAMHandle({"10.0.0.0/26": 1})))
+    LocalDatastore(db_path).close()  # a later request's own connection, in this process
+    assert results_of_processes(_visit_and_leave, [(db_path,)]) == [1]
+    kept.create(KVPair(HandleKey("h2"), IPAMHandle({"10.0.0.0/26": 1})))
+    assert results_of_processes(_visit_and_leave, [(db_path,)]) == [2]
+    kept.close()
+
+
 @pytest.mark.parametrize("layout", ["parent-is-a-file", "path-is-a-directory"])
 def test_unusable_path_gives_a_clear_error(tmp_path: Path, layout: str) -> None:
     if layout == "parent-is-a-file":
