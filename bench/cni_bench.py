@@ -245,6 +245,22 @@ class Report:
         return path
 
 
+def publish(name: str, prefix: str, run: Callable[[], Report]) -> int:
+    """Run a benchmark, then print its report and write it as JSON; a failure or Ctrl-C
+    is one line on stderr (by then everything the run created is removed)."""
+    try:
+        report = run()
+    except BenchFailure as err:
+        print(f"{name}: FAILED: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; everything it created is removed", file=sys.stderr)
+        return 130
+    report.print()
+    print(f"\nwritten to {report.write(prefix)}")
+    return 0
+
+
 def machine_info() -> dict[str, Any]:
     """Enough to tell two result files apart: when, where, which commit."""
     commit = subprocess.run(
@@ -733,19 +749,13 @@ def main(argv: list[str]) -> int:
         "rounds": opts.rounds,
         "bin_dir": str(opts.bin_dir),
     }
-    try:
+
+    def run() -> Report:
         with testbed(variants, opts.bin_dir) as bed:
             measurements = measure(bed, variants, opts)
-    except BenchFailure as err:
-        print(f"cni_bench: FAILED: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ncni_bench: interrupted; everything it created is removed", file=sys.stderr)
-        return 130
-    report = build_report(variants, measurements, settings)
-    report.print()
-    print(f"\nwritten to {report.write('cni')}")
-    return 0
+        return build_report(variants, measurements, settings)
+
+    return publish("cni_bench", "cni", run)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from cni_bench import (
     open_datastore,
     percentile,
     ptp_conf,
+    publish,
     raise_on_sigterm,
     run_plugin,
 )
@@ -308,8 +309,9 @@ def main(argv: list[str]) -> int:
         "datastores": opts.datastores.split(","),
         "bin_dir": str(opts.bin_dir),
     }
-    results: dict[int, dict[str, list[float]]] = {}
-    try:
+
+    def run() -> Report:
+        results: dict[int, dict[str, list[float]]] = {}
         with ExitStack() as stack:
             cni_path = stack.enter_context(cni_bin_dir(opts.bin_dir))
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ipam-bench-")))
@@ -319,16 +321,9 @@ def main(argv: list[str]) -> int:
                 fill = prepare_fill(root, count, opts.fill_nodes, backends)
                 print(f"fill {count:,}: measuring", file=sys.stderr, flush=True)
                 results[count] = measure(fill, columns, cni_path, opts.exec_n, opts.engine_n)
-    except BenchFailure as err:
-        print(f"ipam_bench: FAILED: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nipam_bench: interrupted; everything it created is removed", file=sys.stderr)
-        return 130
-    report = build_report(columns, results, settings)
-    report.print()
-    print(f"\nwritten to {report.write('ipam')}")
-    return 0
+        return build_report(columns, results, settings)
+
+    return publish("ipam_bench", "ipam", run)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ipam_plugin.model import (
     ObjectMeta,
     ResourceKey,
 )
+from tests.harness import calico_conf
 
 
 @dataclass
@@ -89,3 +90,15 @@ def results_of_processes(target: Callable[..., None], argsets: list[tuple]) -> l
         worker.join()
         assert worker.exitcode == 0
     return results
+
+
+def local_ipam_conf(store: LocalStore, lock_dir: str, **extra: Any) -> dict[str, Any]:
+    """A cniVersion 1.0.0 calico + calico-ipam netconf on `store`, its node lock in
+    `lock_dir` (each test its own)."""
+    return calico_conf(
+        "1.0.0",
+        {"type": "calico-ipam"},
+        local_datastore_path=store.path,
+        ipam_lock_file=f"{lock_dir}/ipam.lock",
+        **extra,
+    )

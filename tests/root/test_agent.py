@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from tests.agent_fixture import AgentProcess
-from tests.harness import CNIResult, Node, calico_conf, run_plugin
-from tests.ipam_support import LocalStore
+from tests.harness import CNIResult, Node, run_plugin
+from tests.ipam_support import LocalStore, local_ipam_conf
 from tests.root.checks import expected_host_veth
 
 NOBODY = 65534
@@ -60,13 +60,7 @@ def store(tmp_path: Path) -> LocalStore:
 
 
 def ipam_conf(store: LocalStore, tmp_path: Path) -> dict[str, Any]:
-    return calico_conf(
-        "1.0.0",
-        {"type": "calico-ipam"},
-        local_datastore_path=store.path,
-        ipam_lock_file=str(tmp_path / "ipam.lock"),
-        log_level="info",
-    )
+    return local_ipam_conf(store, str(tmp_path), log_level="info")
 
 
 def pod_args(pod: str) -> str:

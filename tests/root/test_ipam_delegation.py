@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.harness import Node, calico_conf
-from tests.ipam_support import LocalStore
+from tests.harness import Node
+from tests.ipam_support import LocalStore, local_ipam_conf
 
 # `2024-05-01 12:34:56.789 [INFO][4242] ipam/main.py 123: msg`
 LOG_LINE = re.compile(r"\[[A-Z]+\]\[(\d+)\] ([\w-]+)/")
@@ -23,15 +22,6 @@ def store(tmp_path: Path) -> LocalStore:
     s = LocalStore(str(tmp_path / "calico.db"))
     s.add_pool("default-ipv4-ippool", "10.246.0.0/16", blockSize=26)
     return s
-
-
-def conf_for(store: LocalStore, tmp_path: Path) -> dict[str, Any]:
-    return calico_conf(
-        "1.0.0",
-        {"type": "calico-ipam"},
-        local_datastore_path=store.path,
-        ipam_lock_file=str(tmp_path / "ipam.lock"),
-    )
 
 
 def pids_by_component(stderr: str) -> dict[str, set[int]]:
@@ -61,7 +51,7 @@ def test_ipam_delegate_in_process_only_when_it_is_this_program(
         env["CNI_PATH"] = foreign_ipam_dir(node, tmp_path)
     pod = node.new_pod()
     args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=deleg"
-    conf = conf_for(store, tmp_path)
+    conf = local_ipam_conf(store, str(tmp_path))
 
     added = node.run("ADD", conf, "ctr-deleg", pod.path, args=args, env=env)
     assert added.code == 0, added
