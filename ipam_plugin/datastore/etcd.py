@@ -41,7 +41,7 @@ from ipam_plugin.datastore.base import (
     KVPair,
     NotFound,
 )
-from ipam_plugin.datastore.http11 import BadResponse, Connection
+from ipam_plugin.datastore.http11 import BadResponse, KeptConnection
 from ipam_plugin.model import (
     Key,
     ListOptions,
@@ -135,7 +135,7 @@ class EtcdGateway:
         self._tls = tls
         self._context: ssl.SSLContext | None = None
         self._current = 0
-        self._conn: Connection | None = None
+        self._http: KeptConnection | None = None  # to endpoints[_current]
         self.round_trips = 0
 
     def call(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -143,54 +143,44 @@ class EtcdGateway:
         failures: dict[str, str] = {}
         while len(failures) < len(self.endpoints):
             endpoint = self.endpoints[self._current]
-            # A kept-alive connection may have been closed by etcd meanwhile: a failure on
-            # it earns one retry on a fresh connection before the endpoint counts as down.
-            reused = self._conn is not None
             try:
-                conn = self._connection(endpoint)
-                reply = conn.request("POST", path, _JSON_HEADERS, payload)
-                status, body = reply.status, reply.body
+                reply = self._connection(endpoint).request("POST", path, _JSON_HEADERS, payload)
             except (OSError, ValueError, BadResponse) as err:
-                self._drop()
-                if not reused:
-                    failures[endpoint.url] = str(err) or type(err).__name__
-                    self._current = (self._current + 1) % len(self.endpoints)
+                self._next_endpoint(failures, endpoint, str(err) or type(err).__name__)
                 continue
             self.round_trips += 1
-            if not conn.keep_alive:
-                self._drop()
-            if status == 200:
-                return _json_reply(endpoint, path, body)
-            error = _error_reply(body)
-            if error.get("code") not in _GRPC_UNAVAILABLE and status not in (503, 504):
+            if reply.status == 200:
+                return _json_reply(endpoint, path, reply.body)
+            error = _error_reply(reply.body)
+            if error.get("code") not in _GRPC_UNAVAILABLE and reply.status not in (503, 504):
                 raise DatastoreError(
-                    f"etcd at {endpoint.url} refused {path}: {error.get('message') or status}"
+                    f"etcd at {endpoint.url} refused {path}: {error.get('message') or reply.status}"
                 )
-            self._drop()
-            failures[endpoint.url] = str(error.get("message") or status)
-            self._current = (self._current + 1) % len(self.endpoints)
+            self._next_endpoint(failures, endpoint, str(error.get("message") or reply.status))
         detail = "; ".join(f"{url}: {error}" for url, error in failures.items())
         raise DatastoreUnavailable(f"no etcd endpoint reachable ({detail})")
 
-    def _connection(self, endpoint: Endpoint) -> Connection:
-        if self._conn is None:
+    def _next_endpoint(self, failures: dict[str, str], endpoint: Endpoint, why: str) -> None:
+        self.close()
+        failures[endpoint.url] = why
+        self._current = (self._current + 1) % len(self.endpoints)
+
+    def _connection(self, endpoint: Endpoint) -> KeptConnection:
+        if self._http is None:
             context = None
             if endpoint.scheme == "https":
                 if self._context is None:
                     self._context = (self._tls or TLSFiles()).context()
                 context = self._context
-            self._conn = Connection(
+            self._http = KeptConnection(
                 endpoint.host, endpoint.port, context, CONNECT_TIMEOUT, REQUEST_TIMEOUT
             )
-        return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        return self._http
 
     def close(self) -> None:
-        self._drop()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
 
 def _json_reply(endpoint: Endpoint, path: str, body: bytes) -> dict[str, Any]:

@@ -119,3 +119,54 @@ class Connection:
     def close(self) -> None:
         self._reader.close()
         self._sock.close()
+
+
+class KeptConnection:
+    """Requests to one server over one kept-alive connection, opened on first use.
+
+    A server may close an idle kept-alive connection at any time, so a request that fails on
+    a reused connection is sent once more on a fresh one; a failure on a fresh connection
+    reaches the caller. The callers' writes are compare-and-swap or creates, so a resend
+    never applies twice.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+        connect_timeout: float,
+        request_timeout: float,
+    ) -> None:
+        self._address = (host, port)
+        self._tls = tls
+        self._timeouts = (connect_timeout, request_timeout)
+        self._conn: Connection | None = None
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> Response:
+        """The response; OSError, ValueError or BadResponse when the server is unusable."""
+        while True:
+            reused = self._conn is not None
+            try:
+                conn = self._connection()
+                reply = conn.request(method, path, headers, body)
+            except (OSError, ValueError, BadResponse):
+                self.close()
+                if reused:
+                    continue
+                raise
+            if not conn.keep_alive:
+                self.close()
+            return reply
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = Connection(*self._address, self._tls, *self._timeouts)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -40,7 +40,7 @@ from ipam_plugin.datastore.base import (
     DatastoreUnavailable,
     NotFound,
 )
-from ipam_plugin.datastore.http11 import BadResponse, Connection, Response
+from ipam_plugin.datastore.http11 import BadResponse, KeptConnection, Response
 
 if TYPE_CHECKING:
     import ssl
@@ -312,8 +312,7 @@ class KubeClient:
     def __init__(self, access: KubeAccess) -> None:
         self.access = access
         self.server = ServerURL.parse(access.server)
-        self._context: ssl.SSLContext | None = None
-        self._conn: Connection | None = None
+        self._http: KeptConnection | None = None
         self.round_trips = 0
 
     def get(self, path: str, query: str = "") -> dict[str, Any]:
@@ -338,36 +337,22 @@ class KubeClient:
         raise self._error(method, path, reply)
 
     def _send(self, method: str, path: str, headers: dict[str, str], payload: bytes) -> Response:
-        # A kept-alive connection may have been closed by the server meanwhile: a failure on
-        # it earns one retry on a fresh connection. Writes carry a resourceVersion (or are
-        # creates, which answer AlreadyExists when repeated), so a resend never applies twice.
-        while True:
-            reused = self._conn is not None
-            try:
-                reply = self._connection().request(method, path, headers, payload)
-            except (OSError, ValueError, BadResponse) as err:
-                self._drop()
-                if reused:
-                    continue
-                raise DatastoreUnavailable(
-                    f"Kubernetes API server {self.server} unreachable: {err or type(err).__name__}"
-                ) from err
-            self.round_trips += 1
-            if self._conn is not None and not self._conn.keep_alive:
-                self._drop()
-            return reply
+        try:
+            reply = self._connection().request(method, path, headers, payload)
+        except (OSError, ValueError, BadResponse) as err:
+            raise DatastoreUnavailable(
+                f"Kubernetes API server {self.server} unreachable: {err or type(err).__name__}"
+            ) from err
+        self.round_trips += 1
+        return reply
 
-    def _connection(self) -> Connection:
-        if self._conn is None:
-            tls = None
-            if self.server.scheme == "https":
-                if self._context is None:
-                    self._context = self.access.tls_context()
-                tls = self._context
-            self._conn = Connection(
+    def _connection(self) -> KeptConnection:
+        if self._http is None:
+            tls = self.access.tls_context() if self.server.scheme == "https" else None
+            self._http = KeptConnection(
                 self.server.host, self.server.port, tls, CONNECT_TIMEOUT, REQUEST_TIMEOUT
             )
-        return self._conn
+        return self._http
 
     def _error(self, method: str, path: str, reply: Response) -> DatastoreError:
         status = _status_object(reply.body)
@@ -397,13 +382,10 @@ class KubeClient:
             return DatastoreUnavailable(f"{what}: API server answered {reply.status}: {message}")
         return DatastoreError(f"{what}: API server refused ({reply.status}): {message}")
 
-    def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
     def close(self) -> None:
-        self._drop()
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
     def __enter__(self) -> KubeClient:
         return self
