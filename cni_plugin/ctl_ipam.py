@@ -10,10 +10,8 @@ from dataclasses import asdict
 from cni_plugin.ctl_datastore import open_datastore
 from cni_plugin.ctl_errors import CommandError
 from ipam_plugin.datastore.base import Datastore
-from ipam_plugin.inspect import ConsistencyReport
+from ipam_plugin.inspect import ConsistencyReport, assignment
 from ipam_plugin.model import (
-    AllocationAttribute,
-    BlockListOptions,
     IPAddress,
     IPPool,
     ResourceListOptions,
@@ -60,20 +58,10 @@ def _configuration_table(store: Datastore) -> str:
     return box_table(["PROPERTY", "VALUE"], rows)
 
 
-def _assignment(store: Datastore, address: IPAddress) -> AllocationAttribute | None:
-    """The owner of `address`, read from the block that contains it."""
-    for kvp in store.list(BlockListOptions(address.version)):
-        block = kvp.value
-        if address in block.cidr:
-            index = block.allocations[block.ordinal(address)]
-            return None if index is None else block.attributes[index]
-    return None
-
-
 def describe_ip(store: Datastore, text: str) -> str:
     """`ipam show --ip`: whether the address is in use, and by which handle and workload."""
     address = _parse_ip(text)
-    owner = _assignment(store, address)
+    owner = assignment(store, str(address))
     if owner is None:
         pools: list[IPPool] = [kvp.value for kvp in store.list(ResourceListOptions("IPPool"))]
         in_pool = any(address in pool.network for pool in pools)
@@ -107,15 +95,6 @@ def _show(opts: argparse.Namespace) -> int:
     return 0
 
 
-def problem_count(report: ConsistencyReport) -> int:
-    return (
-        len(report.leaked)
-        + len(report.handle_mismatches)
-        + len(report.affinity_problems)
-        + len(report.malformed_blocks)
-    )
-
-
 def check_text(report: ConsistencyReport) -> str:
     """The human report of `ipam check`: each kind of problem, counted and itemised."""
     sections = [
@@ -144,7 +123,7 @@ def check_text(report: ConsistencyReport) -> str:
     for title, items in sections:
         lines.append(f"Found {len(items)} {title}.")
         lines += [f"  {item}" for item in items]
-    lines += ["", f"Check complete; found {problem_count(report)} problems."]
+    lines += ["", f"Check complete; found {report.problems} problems."]
     return "\n".join(lines)
 
 
@@ -154,7 +133,7 @@ def _check(opts: argparse.Namespace) -> int:
     with open_datastore(opts.config) as store:
         report = check_consistency(store)
     if opts.output == "json":
-        doc = {"ok": report.ok, "problems": problem_count(report), **asdict(report)}
+        doc = {"ok": report.ok, "problems": report.problems, **asdict(report)}
         print(json.dumps(doc, indent=2))
     else:
         print(check_text(report))

@@ -10,7 +10,6 @@ socket per netns per call, and the pod-side changes in one batched send().
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import logging
 import os
@@ -48,6 +47,8 @@ def host_veth_name(args: dict[str, str], container_id: str) -> str:
     """
     namespace, pod = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
     if namespace and pod:
+        import hashlib  # loads OpenSSL (~5 ms): only ADD and CHECK of a pod need it
+
         prefix = os.environ.get("FELIX_INTERFACEPREFIX", "").split(",")[0] or DEFAULT_PREFIX
         return prefix + hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()[:11]
     return DEFAULT_PREFIX + container_id[:11]
@@ -161,11 +162,10 @@ def setup_pod(spec: PodSpec) -> PodInterfaces:
                 raise _netlink_error(exc, f"failed to create veth {spec.host_ifname}") from exc
             try:
                 return _configure(host, pod, pod_fd, spec)
-            except rtnl.NetlinkError as exc:
+            except BaseException as exc:
                 _remove_link(host, spec.host_ifname)
-                raise _netlink_error(exc, f"failed to configure {spec.ifname}") from exc
-            except BaseException:
-                _remove_link(host, spec.host_ifname)
+                if isinstance(exc, rtnl.NetlinkError):
+                    raise _netlink_error(exc, f"failed to configure {spec.ifname}") from exc
                 raise
     finally:
         os.close(pod_fd)

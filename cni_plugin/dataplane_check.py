@@ -18,9 +18,15 @@ from cni_plugin.dataplane import (
     iface_sysctl,
     read_sysctl,
 )
-from cni_plugin.types import ERR_INTERNAL, CNIError, Interface, IPInterface, IPNetwork, Result
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from cni_plugin.types import (
+    ERR_INTERNAL,
+    CNIError,
+    Interface,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    Result,
+)
 
 
 @dataclass

@@ -17,10 +17,6 @@ from cni_plugin import agent_client
 IPAM_NAME = "calico-ipam"
 
 
-def role() -> str:
-    return agent_client.exec_name()
-
-
 def run_standalone(name: str, stdin: bytes | None = None) -> int:
     """The whole invocation in this process (`stdin` when it was already read)."""
     import os
@@ -68,7 +64,7 @@ def recover_lost_add(name: str, stdin: bytes) -> int:
 
 
 def main() -> None:
-    name = role()
+    name = agent_client.exec_name()
     command = posix.environ.get(b"CNI_COMMAND")
     if name != IPAM_NAME and not command:
         from cni_plugin.cli import main as cli_main

@@ -136,13 +136,9 @@ def add(plugin_type: str, req: Request, version: str) -> Result:
     return result
 
 
-def delete(plugin_type: str, req: Request) -> None:
-    exec_plugin(plugin_type, "DEL", req)
-
-
 def release_after_failure(plugin_type: str, req: Request) -> None:
     """Undo an IPAM ADD when a later step failed; never hides the original error."""
     try:
-        delete(plugin_type, req)
+        exec_plugin(plugin_type, "DEL", req)
     except CNIError as err:
         log.error("IPAM DEL after a failed ADD also failed: %s", err)

@@ -45,7 +45,6 @@ HW_ADDR = PREFIX + "hwAddr"
 POD_IP = PREFIX + "podIP"
 POD_IPS = PREFIX + "podIPs"
 CONTAINER_ID = PREFIX + "containerID"
-NOT_READY = "Calico is currently not ready to process requests"
 DELETE_ATTEMPTS = 6
 _POD_CIDR_KEYWORDS = {"usepodcidr": 4, "usepodcidripv6": 6}
 _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -62,16 +61,6 @@ def _invalid(message: str) -> CNIError:
 def client_for(conf: NetConf, req: Request) -> KubeClient:
     """Kubeconfig and overrides from the netconf, else the caller's environment."""
     return open_client(conf.raw, req.environ or None)
-
-
-def require_ready(client: KubeClient) -> None:
-    """ClusterInformation `default` with `datastoreReady: false` refuses ADD (an upgrade)."""
-    try:
-        info = client.get("/apis/crd.projectcalico.org/v1/clusterinformations/default")
-    except NotFound:
-        return  # nobody marked the datastore not ready
-    if (info.get("spec") or {}).get("datastoreReady") is False:
-        raise CNIError(ERR_TRY_AGAIN_LATER, NOT_READY)
 
 
 # ---------------------------------------------------------------- usePodCidr
@@ -286,7 +275,10 @@ class PodAdd:
         Kubernetes datastore, where ClusterInformation gates ADD and the Pod is recorded."""
         assert conf.ipam is not None
         if kdd:
-            require_ready(client)
+            from cni_plugin.workload import require_ready
+            from ipam_plugin.datastore.kubernetes import KubernetesDatastore
+
+            require_ready(KubernetesDatastore(client))
         namespace, name = req.args.get("K8S_POD_NAMESPACE", ""), req.args.get("K8S_POD_NAME")
         policy = conf.policy_type == "k8s"
         pod = read_pod(client, namespace, name, policy) if name and (policy or kdd) else None

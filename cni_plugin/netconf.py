@@ -29,7 +29,6 @@ DEFAULT_MTU_FILE = "/var/lib/calico/mtu"
 DEFAULT_IPAM_LOCK_FILE = "/var/run/calico/ipam.lock"
 # Calico waits for the node's IPAM lock forever; we give up (code 11) after this long.
 DEFAULT_IPAM_LOCK_TIMEOUT_S = 60.0
-DEFAULT_LOCAL_DATASTORE = "/var/lib/calico/calico.db"
 _SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "netconf.schema.json")
 
 
@@ -108,7 +107,6 @@ class NetConf:
     nodename_file: str = DEFAULT_NODENAME_FILE
     nodename_file_optional: bool = False
     hostname: str = ""
-    datastore_type: str = ""
     log_level: str = "info"
     log_file_path: str = ""
     log_file_max_size: int = 100
@@ -139,7 +137,6 @@ class NetConf:
             nodename_file=raw.get("nodename_file") or DEFAULT_NODENAME_FILE,
             nodename_file_optional=raw.get("nodename_file_optional", False),
             hostname=raw.get("hostname", ""),
-            datastore_type=raw.get("datastore_type", ""),
             log_level=raw.get("log_level") or "info",
             log_file_path=raw.get("log_file_path", ""),
             log_file_max_size=raw.get("log_file_max_size") or 100,

@@ -7,12 +7,13 @@ while the thread is inside a netns stays bound to it after we switch back.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
+from typing import Any
 
 from cni_plugin.types import (
     ERR_INVALID_ENV,
@@ -25,15 +26,24 @@ CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
 SELF_NETNS = "/proc/self/ns/net"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class NetnsGone(Exception):
     """The netns path does not exist (any more)."""
 
 
+@cache
+def _libc() -> Any:
+    """libc through ctypes (~3.5 ms to import): only entering a netns needs it, not skel's
+    own-netns guard nor calico-ipam."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    import ctypes
+
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -173,14 +173,10 @@ def _add_with_ipam(
                 pod_mac=pod_add.plan.mac if pod_add else "",
             )
         )
-        if pod_add is not None:
-            try:
+        try:
+            if pod_add is not None:
                 pod_add.record(req.container_id, ips)
-            except BaseException:
-                dataplane.teardown_pod(req.netns, req.ifname)
-                raise
-        if store is not None:
-            try:
+            if store is not None:
                 if not conf.policy_type:
                     workload.ensure_profile(store, conf.name, wid.orchestrator)
                 workload.write_endpoint(
@@ -192,9 +188,9 @@ def _add_with_ipam(
                     ips,
                     _profiles(conf, wid),
                 )
-            except BaseException:
-                dataplane.teardown_pod(req.netns, req.ifname)
-                raise
+        except BaseException:
+            dataplane.teardown_pod(req.netns, req.ifname)
+            raise
     except BaseException as exc:
         log.error("ADD failed after IPAM allocated addresses, releasing them: %s", exc)
         if not static:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ipam_plugin.datastore.base import Datastore, NotFound
 from ipam_plugin.model import (
+    AllocationAttribute,
     AllocationBlock,
     BlockAffinityListOptions,
     BlockListOptions,
@@ -149,10 +150,17 @@ class ConsistencyReport:
     malformed_blocks: list[str] = field(default_factory=list)
 
     @property
-    def ok(self) -> bool:
-        return not (
-            self.leaked or self.handle_mismatches or self.affinity_problems or self.malformed_blocks
+    def problems(self) -> int:
+        return (
+            len(self.leaked)
+            + len(self.handle_mismatches)
+            + len(self.affinity_problems)
+            + len(self.malformed_blocks)
         )
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
 
 
 def _block_is_well_formed(block: AllocationBlock) -> bool:
@@ -212,10 +220,13 @@ def check_consistency(store: Datastore) -> ConsistencyReport:
     return report
 
 
-def handle_owner(store: Datastore, ip: str) -> str | None:
-    """The handle holding `ip`, or None: for `ipam show --ip`."""
+def assignment(store: Datastore, ip: str) -> AllocationAttribute | None:
+    """The owner of `ip` (handle and workload), read from the block that contains it, or
+    None: for `ipam show --ip`."""
     address = ipaddress.ip_address(ip)
-    for block in _blocks(store):
+    for kvp in store.list(BlockListOptions(address.version)):
+        block = kvp.value
         if address in block.cidr:
-            return block.handle_of(block.ordinal(address))
+            index = block.allocations[block.ordinal(address)]
+            return None if index is None else block.attributes[index]
     return None

@@ -11,8 +11,10 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cni_plugin.netconf import IPAMConf, NetConf, load_with_logging
 from cni_plugin.skel import Request
@@ -31,6 +33,9 @@ from ipam_plugin.datastore.base import (
 )
 from ipam_plugin.datastore.config import DatastoreSettings, translate_errors
 from ipam_plugin.lock import ipam_lock
+
+if TYPE_CHECKING:
+    from ipam_plugin.engine import IPAM
 
 COMPONENT = "ipam"
 log = logging.getLogger(COMPONENT)
@@ -91,8 +96,21 @@ def _load(req: Request) -> tuple[NetConf, IPAMConf]:
     return conf, conf.ipam
 
 
-def _node_lock(conf: NetConf) -> AbstractContextManager[None]:
-    return ipam_lock(conf.ipam_lock_file, conf.ipam_lock_timeout)
+def _settings(req: Request, conf: NetConf) -> DatastoreSettings:
+    """The datastore as the calling plugin resolves it: netconf keys, else the caller's
+    environment."""
+    return DatastoreSettings.resolve(conf.raw, req.environ or None)
+
+
+@contextmanager
+def _engine(settings: DatastoreSettings, conf: NetConf, locked: bool = False) -> Iterator[IPAM]:
+    """The engine on the datastore, holding the node's IPAM lock when `locked`; datastore
+    failures come out as CNI errors."""
+    from ipam_plugin.engine import IPAM
+
+    lock = ipam_lock(conf.ipam_lock_file, conf.ipam_lock_timeout) if locked else nullcontext()
+    with translate_errors(), settings.open() as store, lock:
+        yield IPAM(store)
 
 
 def _is_range_mode(ipam: IPAMConf) -> bool:
@@ -123,12 +141,11 @@ def _with_pod_cidrs(req: Request, conf: NetConf) -> NetConf:
 
 
 def _pool_add(req: Request, conf: NetConf, ipam: IPAMConf, who: Attachment) -> Result:
-    from ipam_plugin.engine import IPAM, IPAMError
+    from ipam_plugin.engine import IPAMError
 
-    settings = DatastoreSettings.resolve(conf.raw)
+    settings = _settings(req, conf)
     requested_ip = req.args.get("IP", "")
-    with translate_errors(), settings.open() as store, _node_lock(conf):
-        engine = IPAM(store)
+    with _engine(settings, conf, locked=True) as engine:
         if settings.type != "kubernetes":
             # No calico/node creates the Node here; in Kubernetes it is the real Node.
             engine.ensure_node(who.node)
@@ -222,11 +239,7 @@ def cmd_del(req: Request) -> None:
 
         range_mode.delete(conf, who)
         return
-    settings = DatastoreSettings.resolve(conf.raw)
-    from ipam_plugin.engine import IPAM
-
-    with translate_errors(), settings.open() as store, _node_lock(conf):
-        engine = IPAM(store)
+    with _engine(_settings(req, conf), conf, locked=True) as engine:
         for handle in (who.handle_id, who.workload_id):
             try:
                 released = engine.release_by_handle(handle)
@@ -251,11 +264,9 @@ def cmd_check(req: Request) -> None:
 
         held = range_mode.held(conf, who)
     else:
-        from ipam_plugin.engine import IPAM
-
-        with translate_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
+        with _engine(_settings(req, conf), conf) as engine:
             try:
-                held = IPAM(store).ips_by_handle(who.handle_id)
+                held = engine.ips_by_handle(who.handle_id)
             except NotFound:
                 held = []
     if not held:
@@ -277,12 +288,10 @@ def cmd_status(req: Request) -> None:
 
         range_mode.status(conf)
         return
-    from ipam_plugin.engine import IPAM
-
     node = conf.resolve_nodename()
     try:
-        with translate_errors(), DatastoreSettings.resolve(conf.raw).open() as store:
-            pools = [p for p in IPAM(store).pools() if p.is_enabled()]
+        with _engine(_settings(req, conf), conf) as engine:
+            pools = [p for p in engine.pools() if p.is_enabled()]
     except CNIError as err:
         raise CNIError(ERR_NOT_AVAILABLE, err.msg, err.details) from err
     counts = _requested_counts(ipam)
@@ -314,17 +323,10 @@ def cmd_gc(req: Request) -> None:
 
         range_mode.gc(conf, valid)
         return
-    from ipam_plugin.engine import IPAM
-
     node = conf.resolve_nodename()
     prefix = f"{conf.name}."
     valid_ids = {container_id for container_id, _ in valid}
-    with (
-        translate_errors(),
-        DatastoreSettings.resolve(conf.raw).open() as store,
-        _node_lock(conf),
-    ):
-        engine = IPAM(store)
+    with _engine(_settings(req, conf), conf, locked=True) as engine:
         for handle in engine.list_handles():
             if not handle.startswith(prefix) or handle[len(prefix) :] in valid_ids:
                 continue

@@ -112,7 +112,6 @@ class EtcdCluster:
 
     members: list[EtcdMember]
     tls: TLSFiles | None = None
-    _stopped: bool = field(default=False, repr=False)
 
     @property
     def endpoints(self) -> str:

@@ -153,12 +153,6 @@ class EtcdCalico:
         assert "Check complete; found 0 problems." in check.stdout
 
 
-def restart(cluster: EtcdCluster, member: EtcdMember) -> None:
-    """Start a stopped member of `cluster` again on its own data dir and ports."""
-    assert member in cluster.members
-    member.restart()
-
-
 def kv_requests(member: EtcdMember) -> int:
     """Requests etcd's KV service has handled, from its own Prometheus metrics: every
     gateway POST becomes exactly one gRPC Range or Txn, so a difference is round trips."""

@@ -25,7 +25,6 @@ from tests.etcd.cni_support import (
     kv_requests,
     pod_args,
     reachable_from,
-    restart,
 )
 from tests.etcd_fixture import EtcdCluster
 from tests.harness import (
@@ -36,14 +35,15 @@ from tests.harness import (
     calico_conf,
     result_ips,
     version_tuple,
-    with_prev,
 )
 from tests.ipam_support import LocalStore
 from tests.root.checks import (
     assert_pod_gone,
     assert_pod_networking,
+    assert_quiet_success,
     assert_result_shape,
     expected_host_veth,
+    prev_result_runner,
 )
 
 # A failing ADD must come back while kubelet is still waiting for it: bounded by the
@@ -204,15 +204,11 @@ def test_lifecycle(node: Node, any_etcd: EtcdCalico, version: str) -> None:
     assert node.netns.ping(ip_a)
     assert pod_a.ping(ip_b)
 
+    again = prev_result_runner(node, conf, add_a, "ctr-pod-a", pod_a, pod_args("pod-a"))
     if version_tuple(version) >= (0, 4, 0):
-        check = node.run(
-            "CHECK", with_prev(conf, add_a.json), "ctr-pod-a", pod_a.path, args=pod_args("pod-a")
-        )
-        assert (check.code, check.stdout) == (0, ""), check
-
-    for _ in range(2):
-        deleted = del_pod(node, with_prev(conf, add_a.json), pod_a, "pod-a")
-        assert (deleted.code, deleted.stdout) == (0, ""), deleted
+        assert_quiet_success(again("CHECK"))
+    for _ in range(2):  # DEL is idempotent
+        assert_quiet_success(again("DEL"))
     assert_pod_gone(node, pod_a, host_a, ips_a)
     assert_pod_released(any_etcd, "node1", "pod-a")
     assert ip_a not in any_etcd.allocations()
@@ -420,7 +416,7 @@ def test_adds_while_etcd_is_down_fail_cleanly_and_succeed_after_it_returns(
         assert pods[name].link("eth0") is None
         assert node.netns.link(expected_host_veth("default", name)) is None
 
-    restart(cluster, member)
+    member.restart()
     for name in started_after_stop:
         assert_pod_released(own_etcd, "node1", name)
     for name in failed:  # what kubelet does after a failed ADD
@@ -450,7 +446,7 @@ def test_del_while_etcd_is_down_fails_so_kubelet_retries(node: Node, own_etcd: E
     refused = del_pod(node, conf, pod, "stays", timeout=FAULT_BOUND)
     assert_try_again_later(refused, member.endpoint)
 
-    restart(cluster, member)
+    member.restart()
     assert f"{NETWORK}.ctr-stays" in own_etcd.handles()  # nothing was half-deleted
     retried = del_pod(node, conf, pod, "stays")
     assert (retried.code, retried.stdout) == (0, ""), retried

@@ -48,7 +48,6 @@ REQUEST_TIMEOUT = 30.0
 
 JSON = "application/json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
-MERGE_PATCH = "application/merge-patch+json"
 
 # kind -> (plural, namespaced) for what the Calico manifests contain.
 _RESOURCES = {

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
-from tests.harness import Netns, Node, result_ips, version_tuple
+from tests.harness import CNIResult, Netns, Node, result_ips, version_tuple, with_prev
 
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 
@@ -101,6 +102,20 @@ def assert_pod_networking(
         assert route["dev"] == host_if
         if iface.version == 4:  # the IPv6 FIB keeps no route scope
             assert route["scope"] == "link"
+
+
+def prev_result_runner(
+    node: Node, conf: dict[str, Any], added: CNIResult, container_id: str, pod: Netns, args: str
+) -> Callable[[str], CNIResult]:
+    """Runs a verb for one attachment with its ADD result as prevResult (as libcni does)."""
+    return lambda command: node.run(
+        command, with_prev(conf, added.json), container_id, pod.path, args=args
+    )
+
+
+def assert_quiet_success(result: CNIResult) -> None:
+    """Exit 0 and nothing on stdout: what CHECK and DEL answer when all is well."""
+    assert (result.code, result.stdout) == (0, ""), result
 
 
 def assert_pod_gone(node: Node, pod: Netns, host_if: str, ips: list[str]) -> None:

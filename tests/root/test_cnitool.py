@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import agent_fixture
 from tests.harness import REPO, Node
 from tests.root.checks import assert_pod_gone, assert_pod_networking
 
@@ -58,6 +59,7 @@ def cnitool(node: Node, confdir: Path, verb: str, netns: str) -> subprocess.Comp
         "CAP_ARGS": json.dumps(
             {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}
         ),
+        **agent_fixture.env_for(node.netns.path, {}),  # the agent pass's agent, if any
     }
     return node.netns.exec(cnitool_binary(), verb, "k8s-pod-network", netns, env=env, check=False)
 

@@ -13,8 +13,10 @@ from tests.ipam_support import LocalStore
 from tests.root.checks import (
     assert_pod_gone,
     assert_pod_networking,
+    assert_quiet_success,
     assert_result_shape,
     expected_host_veth,
+    prev_result_runner,
 )
 
 STACKS = {
@@ -88,17 +90,11 @@ def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, 
         assert node.netns.ping(ip_a)
         assert pod_a.ping(ip_b)
 
+    again = prev_result_runner(node, conf, add_a, "ctr-a", pod_a, args_for("pod-a"))
     if version_tuple(version) >= (0, 4, 0):
-        check = node.run(
-            "CHECK", with_prev(conf, add_a.json), "ctr-a", pod_a.path, args=args_for("pod-a")
-        )
-        assert (check.code, check.stdout) == (0, ""), check
-
-    for _ in range(2):
-        deleted = node.run(
-            "DEL", with_prev(conf, add_a.json), "ctr-a", pod_a.path, args=args_for("pod-a")
-        )
-        assert (deleted.code, deleted.stdout) == (0, ""), deleted
+        assert_quiet_success(again("CHECK"))
+    for _ in range(2):  # DEL is idempotent
+        assert_quiet_success(again("DEL"))
     assert_pod_gone(node, pod_a, host_a, ips_a)
     assert store.ips_of(handle) == []
     assert node.run("DEL", conf, "ctr-b", pod_b.path, args=args_for("pod-b")).code == 0

@@ -30,7 +30,7 @@ from ipam_plugin.datastore.base import (
 )
 from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest
-from ipam_plugin.inspect import check_consistency, handle_owner, ipam_config, pool_usage
+from ipam_plugin.inspect import assignment, check_consistency, ipam_config, pool_usage
 from ipam_plugin.model import (
     AllocationBlock,
     BlockAffinity,
@@ -325,7 +325,7 @@ def test_usage_and_consistency_views(store: LocalDatastore) -> None:
     assert (usage.total, usage.in_use, usage.free) == (256, 3, 253)
     assert [(b.total, b.in_use, b.affinity) for b in usage.blocks] == [(64, 3, "host:node1")]
     assert ipam_config(store) == IPAMConfig()
-    assert handle_owner(store, str(v4.ips[0].ip)) == "h"
+    assert assignment(store, str(v4.ips[0].ip)).handle_id == "h"
     assert check_consistency(store).ok
     # Break it in each way the check knows about.
     store.delete(store.get(HandleKey("h")))
