@@ -15,7 +15,6 @@ Run as root after `make build`: .venv/bin/python bench/cni_bench.py [-n 20]
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from cni_plugin import netns  # noqa: E402
 from tests.agent_fixture import AgentProcess  # noqa: E402
 from tests.harness import GO_PLUGIN_DIR, Netns, Node, bin_dir, ip_json, sh, unique  # noqa: E402
 
@@ -45,7 +45,6 @@ RESULTS_DIR = REPO / "bench" / "results"
 CNI_VERSION = "1.0.0"  # Debian's Go plugins (v1.1.1) speak nothing newer
 NODE_NAME = "bench-node"
 POD_NAMESPACE = "bench"
-CLONE_NEWNET = 0x40000000
 # Python ignores SIGPIPE (and SIGXFSZ); a runtime's child starts with the defaults.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -432,19 +431,12 @@ VARIANTS = [
 @contextmanager
 def inside_netns(path: str) -> Iterator[None]:
     """Move this thread (and threads it starts) into a netns, and back afterwards."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def setns(fd: int) -> None:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns: {os.strerror(err)}")
-
-    with open("/proc/self/ns/net") as own, open(path) as target:
-        setns(target.fileno())
-        try:
+    fd = netns.open_netns(path)
+    try:
+        with netns.entered(fd):
             yield
-        finally:
-            setns(own.fileno())
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -90,11 +90,10 @@ def render(kind: str, found: list[StoredResource], output: str, single: bool) ->
 
 
 def _read_resources(path: str) -> list[CtlResource]:
-    from cni_plugin.ctl_documents import parse_documents, read_source
+    from cni_plugin.ctl_documents import load_documents, source_name
     from cni_plugin.ctl_resources import parse_resources
 
-    source = "stdin" if path == "-" else path
-    return parse_resources(parse_documents(read_source(path), source), source)
+    return parse_resources(load_documents(path), source_name(path))
 
 
 def success_message(past: str, kinds: list[str]) -> str:
@@ -125,12 +124,11 @@ def _targets(opts: argparse.Namespace) -> list[tuple[str, str]]:
     if opts.filename:
         if opts.kind:
             raise CommandError("give either KIND NAME or -f FILE, not both")
-        from cni_plugin.ctl_documents import parse_documents, read_source
+        from cni_plugin.ctl_documents import load_documents, source_name
         from cni_plugin.ctl_resources import expand_lists, identity
 
-        source = "stdin" if opts.filename == "-" else opts.filename
-        docs = expand_lists(parse_documents(read_source(opts.filename), source))
-        return [identity(doc, source) for doc in docs]
+        source = source_name(opts.filename)
+        return [identity(doc, source) for doc in expand_lists(load_documents(opts.filename))]
     if not (opts.kind and opts.name):
         raise CommandError("delete needs KIND NAME or -f FILE")
     return [(canonical_kind(opts.kind), opts.name)]

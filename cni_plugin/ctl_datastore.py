@@ -31,9 +31,9 @@ def netconf_keys(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    from cni_plugin.ctl_documents import parse_documents, read_source
+    from cni_plugin.ctl_documents import load_documents
 
-    docs = parse_documents(read_source(path), path)
+    docs = load_documents(path)
     if len(docs) != 1:
         raise CommandError(f"config file {path} must hold exactly one document")
     return netconf_keys(docs[0])

@@ -43,6 +43,16 @@ def _parse_yaml(text: str, source: str) -> list[Any]:
         raise CommandError(f"cannot parse {source}: {problem}{where}") from err
 
 
+def source_name(path: str) -> str:
+    """How messages name FILE (`-` is stdin)."""
+    return "stdin" if path == "-" else path
+
+
+def load_documents(path: str) -> list[dict[str, Any]]:
+    """Every document in FILE, or in stdin for `-`."""
+    return parse_documents(read_source(path), source_name(path))
+
+
 def parse_documents(text: str, source: str) -> list[dict[str, Any]]:
     """Every non-empty document: JSON (an object or an array of them) or YAML (`---`)."""
     docs = _parse_json(text)

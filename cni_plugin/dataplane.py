@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
 GATEWAY_V4 = ipaddress.ip_address("169.254.1.1")
 GATEWAY_V6 = ipaddress.ip_address("fe80::ecee:eeff:feee:eeee")
+GATEWAYS = {4: GATEWAY_V4, 6: GATEWAY_V6}  # the pod's next hop for each family's routes
 DEFAULT_PREFIX = "cali"
 DEL_TIMEOUT_S = 20.0
 _V6_LL_ATTEMPTS = 10
@@ -62,7 +63,7 @@ class PodSpec:
     ifname: str
     host_ifname: str
     ips: list[IPInterface]
-    routes: list[IPNetwork]
+    routes: list[IPNetwork]  # of the families in `ips` only (plugin.pod_routes)
     mtu: int = 0
     num_queues: int = 1
     allow_ip_forwarding: bool = False
@@ -225,9 +226,7 @@ def _configure(
         if 4 in families:
             batch.add_route(ipaddress.ip_network(GATEWAY_V4), oif=eth0.index, scope=rtnl.SCOPE_LINK)
         for dst in spec.routes:
-            if dst.version in families:
-                gateway = GATEWAY_V4 if dst.version == 4 else GATEWAY_V6
-                batch.add_route(dst, oif=eth0.index, gateway=gateway)
+            batch.add_route(dst, oif=eth0.index, gateway=GATEWAYS[dst.version])
         for ip in spec.ips:
             flags = rtnl.IFA_F_NODAD if ip.version == 6 else 0
             batch.add_address(eth0.index, ip.ip, ip.network.prefixlen, flags=flags)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from cni_plugin import netns, rtnl
 from cni_plugin.dataplane import (
     GATEWAY_V4,
-    GATEWAY_V6,
+    GATEWAYS,
     HOST_MAC,
     host_sysctls,
     iface_sysctl,
@@ -108,10 +108,8 @@ def _check_pod_side(
             (ipaddress.ip_network(GATEWAY_V4), None) in pod_routes,
             f"route {GATEWAY_V4} dev {ifname} missing",
         )
-    for dst in routes:
-        if dst.version not in families:
-            continue
-        gw = GATEWAY_V4 if dst.version == 4 else GATEWAY_V6
+    for dst in routes:  # of the pod's families only (plugin.pod_routes)
+        gw = GATEWAYS[dst.version]
         report.expect(
             (dst, gw) in pod_routes, f"route {dst} via {gw} dev {ifname} missing in the container"
         )

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugin.netconf import NetConf
+from cni_plugin.netconf import NetConf, pod_cidr_version, subnet_holders, uses_pod_cidr
 from cni_plugin.skel import Request
 from cni_plugin.types import ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError, IPInterface
 from ipam_plugin.datastore.base import Conflict, NotFound
@@ -46,7 +46,6 @@ POD_IP = PREFIX + "podIP"
 POD_IPS = PREFIX + "podIPs"
 CONTAINER_ID = PREFIX + "containerID"
 DELETE_ATTEMPTS = 6
-_POD_CIDR_KEYWORDS = {"usepodcidr": 4, "usepodcidripv6": 6}
 _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
 
@@ -64,15 +63,6 @@ def client_for(conf: NetConf, req: Request) -> KubeClient:
 
 
 # ---------------------------------------------------------------- usePodCidr
-
-
-def uses_pod_cidr(ipam: dict[str, Any]) -> bool:
-    return any(str(h.get("subnet", "")).lower() in _POD_CIDR_KEYWORDS for h in _subnets(ipam))
-
-
-def _subnets(ipam: dict[str, Any]) -> list[dict[str, Any]]:
-    """`ipam` itself and every `ranges[][]` entry: the places a subnet can be named."""
-    return [ipam, *(r for rs in ipam.get("ranges") or [] for r in rs if isinstance(r, dict))]
 
 
 def node_name(conf: NetConf) -> str:
@@ -105,8 +95,8 @@ def with_pod_cidrs(ipam: dict[str, Any], pod_cidrs: dict[int, str]) -> dict[str,
     """A copy of `ipam` with every usePodCidr / usePodCidrIPv6 subnet replaced; every other
     key is kept (the delegate may read keys Calico does not know)."""
     out = json.loads(json.dumps(ipam))
-    for holder in _subnets(out):
-        version = _POD_CIDR_KEYWORDS.get(str(holder.get("subnet", "")).lower())
+    for holder in subnet_holders(out):
+        version = pod_cidr_version(holder)
         if version is None:
             continue
         if version not in pod_cidrs:

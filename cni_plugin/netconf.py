@@ -79,15 +79,26 @@ class IPAMConf:
     type: str
     raw: dict[str, Any]
 
-    @property
-    def subnet(self) -> str:
-        return str(self.raw.get("subnet", ""))
-
     def uses_pod_cidr(self) -> bool:
-        subnets = [self.subnet] + [
-            str(r.get("subnet", "")) for rs in self.raw.get("ranges") or [] for r in rs
-        ]
-        return any(s.lower() in ("usepodcidr", "usepodcidripv6") for s in subnets)
+        return uses_pod_cidr(self.raw)
+
+
+# The subnet keywords that name the Node's podCIDR of that IP version (host-local mode).
+_POD_CIDR_KEYWORDS = {"usepodcidr": 4, "usepodcidripv6": 6}
+
+
+def subnet_holders(ipam: dict[str, Any]) -> list[dict[str, Any]]:
+    """`ipam` itself and every `ranges[][]` entry: the places a subnet can be named."""
+    return [ipam, *(r for rs in ipam.get("ranges") or [] for r in rs)]
+
+
+def pod_cidr_version(holder: dict[str, Any]) -> int | None:
+    """4 or 6 when the holder's subnet is usePodCidr / usePodCidrIPv6, else None."""
+    return _POD_CIDR_KEYWORDS.get(str(holder.get("subnet", "")).lower())
+
+
+def uses_pod_cidr(ipam: dict[str, Any]) -> bool:
+    return any(pod_cidr_version(holder) for holder in subnet_holders(ipam))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cni_plugin import ipam_exec, workload
-from cni_plugin.netconf import NetConf, load_with_logging
+from cni_plugin.netconf import NetConf, load_with_logging, pod_cidr_version, subnet_holders
 from cni_plugin.skel import Request
 from cni_plugin.types import (
     ERR_INVALID_CONFIG,
@@ -196,11 +196,10 @@ def _add_with_ipam(
         if not static:
             ipam_exec.release_after_failure(ipam_type, ipam_req)
         raise
-    gateways = {4: dataplane.GATEWAY_V4, 6: dataplane.GATEWAY_V6}
     return Result(
         interfaces=[interfaces.host, interfaces.pod],
         ips=[IPConfig(address=ip, interface=1) for ip in ips],
-        routes=[Route(dst=dst, gw=gateways[dst.version]) for dst in routes],
+        routes=[Route(dst=dst, gw=dataplane.GATEWAYS[dst.version]) for dst in routes],
         dns=ipam_result.dns,
     )
 
@@ -217,10 +216,10 @@ def _del_stdin(req: Request, conf: NetConf) -> bytes:
 
     raw = json.loads(req.stdin)
     ipam = raw.get("ipam", {})
-    for holder in [ipam, *(r for rs in ipam.get("ranges") or [] for r in rs)]:
-        subnet = str(holder.get("subnet", "")).lower()
-        if subnet in ("usepodcidr", "usepodcidripv6"):
-            holder["subnet"] = "::/0" if subnet.endswith("ipv6") else "0.0.0.0/0"
+    for holder in subnet_holders(ipam):
+        version = pod_cidr_version(holder)
+        if version is not None:
+            holder["subnet"] = "0.0.0.0/0" if version == 4 else "::/0"
     return json.dumps(raw).encode()
 
 

@@ -29,6 +29,9 @@ from typing import Any
 
 import pytest
 
+from ipam_plugin.datastore.config import DatastoreSettings
+from ipam_plugin.datastore.etcd import EtcdDatastore
+
 ETCD_BINARY = "/usr/bin/etcd"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -82,15 +85,8 @@ class EtcdMember:
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop this member by its PID (SIGKILL simulates a crash)."""
-        if not self.is_running():
-            return
-        assert self.process is not None
-        os.kill(self.process.pid, sig)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, STOP_TIMEOUT, sig)
 
     def restart(self, wait: bool = True) -> None:
         """Start this stopped member again on its own data dir and ports, with the flags it
@@ -159,6 +155,16 @@ class EtcdCluster:
             base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
             for kv in reply.get("kvs", [])
         }
+
+    def raw_json(self, prefix: str = "/calico/") -> dict[str, Any]:
+        """Every key under `prefix` with its JSON value, as stored."""
+        return {key: json.loads(value) for key, value in self.raw_items(prefix).items()}
+
+    def open_store(self) -> EtcdDatastore:
+        """Through the plugin's own settings, as calico-ipam opens it."""
+        store = DatastoreSettings.resolve(self.netconf(), environ={}).open()
+        assert isinstance(store, EtcdDatastore)
+        return store
 
     def raw_put(self, key: str, value: str) -> None:
         self.raw("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
@@ -289,8 +295,27 @@ def wait_healthy(member: EtcdMember, tls: TLSFiles | None) -> None:
     raise RuntimeError(f"etcd {member.name} not healthy:\n{_log_tail(member)}")
 
 
-def _log_tail(member: EtcdMember, lines: int = 20) -> str:
-    return "\n".join(member.log_file.read_text(errors="replace").splitlines()[-lines:])
+def _log_tail(member: EtcdMember) -> str:
+    return log_tail(member.log_file, 20)
+
+
+def log_tail(log: Path, lines: int) -> str:
+    """The last `lines` lines of a server's log, for a failure message."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_process(
+    process: subprocess.Popen[bytes], timeout: float, sig: signal.Signals = signal.SIGTERM
+) -> None:
+    """Stop a server we started, by its PID: `sig`, then SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _http_connection(member: EtcdMember, tls: TLSFiles | None) -> http.client.HTTPConnection:

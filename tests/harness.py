@@ -235,6 +235,28 @@ def run_plugin(
     return CNIResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
+def calico_cli(
+    *argv: str, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`calico <argv>` (the admin CLI) as an operator runs it: this environment, without
+    CNI_COMMAND (DATASTORE_TYPE too: callers say which datastore), plus `env`."""
+    full = {k: v for k, v in os.environ.items() if k not in ("CNI_COMMAND", "DATASTORE_TYPE")}
+    return subprocess.run(
+        [str(bin_dir() / "calico"), *argv],
+        input=stdin,
+        env={**full, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def pod_args(pod: str, namespace: str = "default") -> str:
+    """CNI_ARGS as kubelet's runtime sends them for a pod."""
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
+
+
 def calico_conf(version: str, ipam: dict[str, Any], **extra: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "cniVersion": version,

@@ -41,7 +41,7 @@ from ipam_plugin.datastore.base import (
     KVPair,
     NotFound,
 )
-from ipam_plugin.datastore.http11 import BadResponse, KeptConnection
+from ipam_plugin.datastore.http11 import BadResponse, KeptConnection, authority, split_url
 from ipam_plugin.model import (
     Key,
     ListOptions,
@@ -76,30 +76,19 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str, default_scheme: str = "http") -> Endpoint:
-        """`https://10.0.0.1:2379`, or `10.0.0.1:2379` with `default_scheme` (etcd_scheme).
-
-        Parsed by hand: urllib.parse would cost the bundled executable an import."""
-        scheme, sep, rest = url.strip().partition("://")
-        if not sep:
-            scheme, rest = default_scheme or "http", url.strip()
-        netloc = rest.split("/", 1)[0]
-        if netloc.startswith("["):
-            host, _, port_text = netloc[1:].partition("]")
-            port_text = port_text.removeprefix(":")
-        else:
-            host, _, port_text = netloc.partition(":")
-        if scheme not in ("http", "https") or not host:
+        """`https://10.0.0.1:2379`, or `10.0.0.1:2379` with `default_scheme` (etcd_scheme)."""
+        parts = split_url(url, default_scheme or "http")
+        if parts is None:
             raise DatastoreUnavailable(f"etcd endpoint {url!r} is not an http(s) URL")
-        if not port_text:
-            return cls(scheme, host, 2379)
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not parts.port:
+            return cls(parts.scheme, parts.host, 2379)
+        if not parts.port.isdigit() or not 0 < int(parts.port) < 65536:
             raise DatastoreUnavailable(f"etcd endpoint {url!r} has a bad port")
-        return cls(scheme, host, int(port_text))
+        return cls(parts.scheme, parts.host, int(parts.port))
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{authority(self.host, self.port)}"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,37 @@ _MAX_HEADER_LINES = 100
 _MAX_LINE = 65537
 
 
+def authority(host: str, port: int | str) -> str:
+    """`host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class URLParts:
+    scheme: str
+    host: str
+    port: str  # as written; may be empty or not a number: the caller decides
+    path: str  # from its first "/" ("" when none)
+
+
+def split_url(url: str, default_scheme: str) -> URLParts | None:
+    """An http(s) URL's parts, `default_scheme` when it names none; None when it is not
+    http(s) or names no host. Parsed by hand: urllib.parse would cost every CNI call an
+    import."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        scheme, rest = default_scheme, url.strip()
+    netloc, slash, path = rest.partition("/")
+    if netloc.startswith("["):
+        host, _, port = netloc[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = netloc.partition(":")
+    if scheme not in ("http", "https") or not host:
+        return None
+    return URLParts(scheme, host, port, slash + path)
+
+
 class BadResponse(Exception):
     """The peer sent something that is not an HTTP/1.1 response we can frame."""
 
@@ -55,7 +86,7 @@ class Connection:
             raise
         self._sock = sock
         self._reader = sock.makefile("rb")
-        self._host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._host = authority(host, port)
         self.keep_alive = True
 
     def request(

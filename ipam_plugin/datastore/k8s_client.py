@@ -40,7 +40,13 @@ from ipam_plugin.datastore.base import (
     DatastoreUnavailable,
     NotFound,
 )
-from ipam_plugin.datastore.http11 import BadResponse, KeptConnection, Response
+from ipam_plugin.datastore.http11 import (
+    BadResponse,
+    KeptConnection,
+    Response,
+    authority,
+    split_url,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -85,24 +91,15 @@ class ServerURL:
 
     @classmethod
     def parse(cls, url: str) -> ServerURL:
-        """Parsed by hand: urllib.parse would cost every CNI call an import."""
-        scheme, sep, rest = url.strip().partition("://")
-        if not sep:
-            scheme, rest = "https", url.strip()
-        netloc, slash, path = rest.partition("/")
-        if netloc.startswith("["):
-            host, _, port_text = netloc[1:].partition("]")
-            port_text = port_text.removeprefix(":")
-        else:
-            host, _, port_text = netloc.partition(":")
-        if scheme not in ("http", "https") or not host or not (port_text or "0").isdigit():
+        parts = split_url(url, "https")
+        if parts is None or not (parts.port or "0").isdigit():
             raise KubeconfigError(f"Kubernetes API server {url!r} is not an http(s) URL")
-        port = int(port_text) if port_text else (443 if scheme == "https" else 80)
-        return cls(scheme, host, port, ("/" + path).rstrip("/") if slash else "")
+        default_port = 443 if parts.scheme == "https" else 80
+        port = int(parts.port) if parts.port else default_port
+        return cls(parts.scheme, parts.host, port, parts.path.rstrip("/"))
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.prefix}"
+        return f"{self.scheme}://{authority(self.host, self.port)}{self.prefix}"
 
 
 @dataclass
@@ -161,9 +158,8 @@ class KubeAccess:
         token_path = os.path.join(IN_CLUSTER_DIR, "token")
         if not (host and port and os.path.exists(token_path)):
             return cls(server="")
-        bracketed = f"[{host}]" if ":" in host else host
         return cls(
-            server=f"https://{bracketed}:{port}",
+            server=f"https://{authority(host, port)}",
             token=_read_text(token_path, "in-cluster token").strip(),
             ca_file=os.path.join(IN_CLUSTER_DIR, "ca.crt"),
             source="in-cluster service account",

@@ -39,6 +39,7 @@ from ipam_plugin.datastore.base import (
 )
 from ipam_plugin.datastore.k8s_client import KubeClient
 from ipam_plugin.model import (
+    RESOURCE_PLURALS,
     RESOURCE_TYPES,
     AllocationBlock,
     BlockAffinity,
@@ -250,7 +251,7 @@ class ResourceCodec(Codec):
         doc = value.to_json()
         doc["apiVersion"] = GROUP_VERSION
         doc.pop("status", None)  # the status subresource is not ours to write
-        doc["metadata"] = {k: v for k, v in doc["metadata"].items() if k not in _SERVER_METADATA}
+        doc["metadata"] = _metadata(doc)
         return doc
 
     def decode(self, obj: dict[str, Any]) -> Decoded:
@@ -282,10 +283,11 @@ _AFFINITIES = AffinityCodec("BlockAffinity", "blockaffinities", two_step_delete=
 _HANDLES = HandleCodec("IPAMHandle", "ipamhandles", two_step_delete=True)
 _IPAM_CONFIG = IPAMConfigCodec("IPAMConfig", "ipamconfigs")
 _RESOURCES: dict[str, Codec] = {
-    "IPPool": ResourceCodec("IPPool", "ippools"),
-    "IPReservation": ResourceCodec("IPReservation", "ipreservations"),
-    "ClusterInformation": ResourceCodec("ClusterInformation", "clusterinformations"),
-    "Node": NodeCodec("Node", "nodes", root="/api/v1"),
+    **{
+        kind: ResourceCodec(kind, RESOURCE_PLURALS[kind])
+        for kind in ("IPPool", "IPReservation", "ClusterInformation")
+    },
+    "Node": NodeCodec("Node", RESOURCE_PLURALS["Node"], root="/api/v1"),
 }
 
 

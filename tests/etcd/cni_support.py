@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import json
 import os
 import socket
 import subprocess
@@ -19,7 +18,6 @@ from typing import Any
 
 from cni_plugin.netns import entered, open_netns
 from ipam_plugin.datastore.base import KVPair, NotFound
-from ipam_plugin.datastore.config import DatastoreSettings
 from ipam_plugin.datastore.etcd import EtcdDatastore
 from ipam_plugin.model import (
     ClusterInformation,
@@ -29,17 +27,13 @@ from ipam_plugin.model import (
     ResourceKey,
 )
 from tests.etcd_fixture import EtcdCluster, EtcdMember
-from tests.harness import Netns, bin_dir, calico_conf
+from tests.harness import Netns, calico_cli, calico_conf
 
 NETWORK = "k8s-pod-network"
 RESOURCES = "/calico/resources/v3/projectcalico.org"
 ENDPOINTS = f"{RESOURCES}/workloadendpoints/"
 HANDLES = "/calico/ipam/v2/handle/"
 BLOCKS = "/calico/ipam/v2/assignment/"
-
-
-def pod_args(pod: str, namespace: str = "default") -> str:
-    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
 
 
 def endpoint_key(node: str, pod: str, namespace: str = "default") -> str:
@@ -69,9 +63,7 @@ class EtcdCalico:
     # ---------------------------------------------------------------- seeding
 
     def open(self) -> EtcdDatastore:
-        store = DatastoreSettings.resolve(self.cluster.netconf(), environ={}).open()
-        assert isinstance(store, EtcdDatastore)
-        return store
+        return self.cluster.open_store()
 
     def add_pool(self, name: str, cidr: str, **spec: Any) -> None:
         pool = IPPool(ObjectMeta(name), IPPoolSpec.from_json({"cidr": cidr, **spec}))
@@ -94,7 +86,7 @@ class EtcdCalico:
 
     def rows(self, prefix: str = "/calico/") -> dict[str, Any]:
         """Every key under `prefix` with its JSON value, as stored."""
-        return {key: json.loads(value) for key, value in self.cluster.raw_items(prefix).items()}
+        return self.cluster.raw_json(prefix)
 
     def handles(self) -> list[str]:
         return sorted(key.removeprefix(HANDLES) for key in self.cluster.raw_items(HANDLES))
@@ -128,23 +120,14 @@ class EtcdCalico:
 
     def ctl(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """`calico <argv>` with calicoctl's environment pointing at this etcd."""
-        env = {k: v for k, v in os.environ.items() if k not in ("CNI_COMMAND",)}
-        env.update(DATASTORE_TYPE="etcdv3", ETCD_ENDPOINTS=self.cluster.endpoints)
+        env = {"DATASTORE_TYPE": "etcdv3", "ETCD_ENDPOINTS": self.cluster.endpoints}
         if self.cluster.tls:
             env.update(
                 ETCD_CA_CERT_FILE=self.cluster.tls.ca_cert,
                 ETCD_CERT_FILE=self.cluster.tls.client_cert,
                 ETCD_KEY_FILE=self.cluster.tls.client_key,
             )
-        return subprocess.run(
-            [str(bin_dir() / "calico"), *argv],
-            input=stdin,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return calico_cli(*argv, env=env, stdin=stdin)
 
     def assert_ipam_consistent(self) -> None:
         """`calico ipam check` finds no leaked IP, miscounted handle or stray affinity."""

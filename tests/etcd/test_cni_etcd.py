@@ -23,7 +23,6 @@ from tests.etcd.cni_support import (
     EtcdCalico,
     endpoint_key,
     kv_requests,
-    pod_args,
     reachable_from,
 )
 from tests.etcd_fixture import EtcdCluster
@@ -33,6 +32,7 @@ from tests.harness import (
     Netns,
     Node,
     calico_conf,
+    pod_args,
     result_ips,
     version_tuple,
 )

@@ -42,7 +42,7 @@ def test_values_are_calicos_json_at_calicos_keys(clean_etcd: EtcdCluster) -> Non
     with etcd_store(clean_etcd) as store:
         store.create(KVPair(HandleKey("k8s-pod-network.abc"), IPAMHandle({"10.0.0.0/26": 2})))
         store.create(KVPair(BlockAffinityKey("node1", NET("10.0.0.0/26")), BlockAffinity()))
-    assert {k: json.loads(v) for k, v in clean_etcd.raw_items("/calico/").items()} == {
+    assert clean_etcd.raw_json() == {
         "/calico/ipam/v2/handle/k8s-pod-network.abc": {
             "block": {"10.0.0.0/26": 2},
             "deleted": False,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from typing import Any
 
 from ipam_plugin.datastore.base import KVPair
 from ipam_plugin.datastore.config import DatastoreSettings
-from ipam_plugin.datastore.etcd import EtcdDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.inspect import check_consistency, pool_usage
 from ipam_plugin.model import IPPool, ResourceKey
@@ -19,15 +17,8 @@ from tests.ipam_support import results_of_processes
 POOL_PATH = "/calico/resources/v3/projectcalico.org/ippools/default"
 
 
-def open_store(cluster: EtcdCluster) -> EtcdDatastore:
-    """Through the plugin's own settings, as calico-ipam opens it."""
-    store = DatastoreSettings.resolve(cluster.netconf(), environ={}).open()
-    assert isinstance(store, EtcdDatastore)
-    return store
-
-
 def seed(cluster: EtcdCluster, cidr: str, hosts: list[str]) -> None:
-    with open_store(cluster) as store:
+    with cluster.open_store() as store:
         doc = {"metadata": {"name": "default"}, "spec": {"cidr": cidr}}
         store.create(KVPair(ResourceKey("IPPool", "default"), IPPool.from_json(doc)))
         ipam = IPAM(store)
@@ -35,13 +26,9 @@ def seed(cluster: EtcdCluster, cidr: str, hosts: list[str]) -> None:
             ipam.ensure_node(host)
 
 
-def raw_json(cluster: EtcdCluster) -> dict[str, Any]:
-    return {key: json.loads(value) for key, value in cluster.raw_items("/calico/").items()}
-
-
 def test_allocation_is_stored_in_calicos_etcd_layout(clean_etcd: EtcdCluster) -> None:
     seed(clean_etcd, "10.244.0.0/16", ["node1"])
-    with open_store(clean_etcd) as store:
+    with clean_etcd.open_store() as store:
         v4, _ = IPAM(store).auto_assign(
             AutoAssignRequest("k8s-pod-network.c1", "node1", {"node": "node1", "pod": "p"})
         )
@@ -49,7 +36,7 @@ def test_allocation_is_stored_in_calicos_etcd_layout(clean_etcd: EtcdCluster) ->
     block = ip.network
     assert block.prefixlen == 26 and block.subnet_of(ipaddress.ip_network("10.244.0.0/16"))
     segment = str(block).replace("/", "-")
-    rows = raw_json(clean_etcd)
+    rows = clean_etcd.raw_json()
     assert set(rows) == {
         POOL_PATH,
         "/calico/resources/v3/projectcalico.org/nodes/node1",
@@ -85,13 +72,13 @@ def test_release_by_handle_removes_the_handle_and_frees_the_ordinal(
     clean_etcd: EtcdCluster,
 ) -> None:
     seed(clean_etcd, "10.244.0.0/24", ["node1"])
-    with open_store(clean_etcd) as store:
+    with clean_etcd.open_store() as store:
         ipam = IPAM(store)
         v4, _ = ipam.auto_assign(AutoAssignRequest("net.c1", "node1", {}, num_v4=2))
-        assert "/calico/ipam/v2/handle/net.c1" in raw_json(clean_etcd)
+        assert "/calico/ipam/v2/handle/net.c1" in clean_etcd.raw_json()
         released = ipam.release_by_handle("net.c1")
     assert sorted(released) == sorted(ip.ip for ip in v4.ips)
-    rows = raw_json(clean_etcd)
+    rows = clean_etcd.raw_json()
     assert "/calico/ipam/v2/handle/net.c1" not in rows
     [block_path] = [path for path in rows if "/assignment/" in path]
     assert rows[block_path]["allocations"] == [None] * 64
@@ -102,7 +89,7 @@ def test_release_by_handle_removes_the_handle_and_frees_the_ordinal(
 def test_round_trips_are_counted_per_assign_and_release(clean_etcd: EtcdCluster) -> None:
     """The counter is what a bench reports; steady state never re-lists the whole block set."""
     seed(clean_etcd, "10.244.0.0/16", ["node1"])
-    with open_store(clean_etcd) as store:
+    with clean_etcd.open_store() as store:
         ipam = IPAM(store)
         ipam.auto_assign(AutoAssignRequest("net.first", "node1", {}))
         before = store.round_trips
@@ -133,7 +120,7 @@ def test_concurrent_processes_on_two_nodes_never_share_an_ip(etcd: EtcdCluster) 
     ips = [ip for result in results for ip in result]
     assert len(ips) == 80
     assert len(set(ips)) == 80
-    with open_store(etcd) as store:
+    with etcd.open_store() as store:
         report = check_consistency(store)
         assert report.ok, report
         assert pool_usage(store)[0].in_use == 80

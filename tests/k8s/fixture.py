@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import secrets
-import signal
 import ssl
 import subprocess
 import time
@@ -32,7 +31,14 @@ from typing import Any
 
 import yaml
 
-from tests.etcd_fixture import EtcdCluster, free_port, make_tls_files, start_etcd
+from tests.etcd_fixture import (
+    EtcdCluster,
+    free_port,
+    log_tail,
+    make_tls_files,
+    start_etcd,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).with_name("apiserver.sh")
@@ -234,7 +240,7 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
         process = _spawn_apiserver(
             binary, directory, port, etcd, tls.server_cert, tls.server_key, tokens
         )
-        stack.callback(_stop, process)
+        stack.callback(stop_process, process, STOP_TIMEOUT)
         server = f"https://127.0.0.1:{port}"
         cluster = KubeCluster(
             server=server,
@@ -314,17 +320,6 @@ def _spawn_apiserver(
         )
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def _wait_for(
     what: str, process: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool]
 ) -> None:
@@ -332,18 +327,14 @@ def _wait_for(
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"kube-apiserver exited waiting for {what}:\n{_tail(log)}")
+            raise RuntimeError(f"kube-apiserver exited waiting for {what}:\n{log_tail(log, 40)}")
         try:
             if ready():
                 return
         except (OSError, ApiError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    raise RuntimeError(f"timed out waiting for {what}:\n{log_tail(log, 40)}")
 
 
 def _ready(client: ApiClient) -> bool:

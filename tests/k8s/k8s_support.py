@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 from ipam_plugin.datastore.k8s_client import KubeAccess, KubeClient
 from ipam_plugin.datastore.kubernetes import KubernetesDatastore
 from tests.etcd.cni_support import LoopbackRelay
-from tests.harness import Node, bin_dir, calico_conf
+from tests.harness import Node, calico_cli, calico_conf
 from tests.k8s.fixture import KubeCluster, apiserver_available, kube_apiserver
 
 CRD_V1 = "/apis/crd.projectcalico.org/v1"
@@ -101,10 +100,6 @@ def container_id() -> str:
     return uuid.uuid4().hex + uuid.uuid4().hex
 
 
-def pod_args(namespace: str, pod: str) -> str:
-    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod}"
-
-
 def k8s_conf(
     cluster: KubeCluster,
     lock_dir: Path,
@@ -140,16 +135,8 @@ def assert_nothing_allocated(cluster: KubeCluster) -> None:
 
 def ctl(cluster: KubeCluster, *argv: str) -> subprocess.CompletedProcess[str]:
     """`calico <argv>` as an operator runs it: DATASTORE_TYPE=kubernetes KUBECONFIG=..."""
-    env = {k: v for k, v in os.environ.items() if k != "CNI_COMMAND"}
-    env.update(DATASTORE_TYPE="kubernetes", KUBECONFIG=str(cluster.admin_kubeconfig))
-    return subprocess.run(
-        [str(bin_dir() / "calico"), *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    env = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(cluster.admin_kubeconfig)}
+    return calico_cli(*argv, env=env)
 
 
 def api_requests(cluster: KubeCluster) -> int:

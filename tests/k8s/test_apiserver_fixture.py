@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,27 +20,12 @@ from tests.k8s.fixture import (
     ApiClient,
     ApiError,
     KubeCluster,
-    apiserver_available,
     kube_apiserver,
 )
+from tests.k8s.k8s_support import CALICO_PLURALS, CRD_V1, cluster, needs_apiserver
 
-pytestmark = pytest.mark.skipif(
-    not apiserver_available(),
-    reason="kube-apiserver not built: run tests/k8s/apiserver.sh build "
-    "(or set CALICO_BUILD_APISERVER=1)",
-)
-
-CRD_V1 = "/apis/crd.projectcalico.org/v1"
-CALICO_PLURALS = [
-    "ippools", "ipamblocks", "blockaffinities", "ipamhandles",
-    "ipreservations", "ipamconfigs", "clusterinformations",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
-    with kube_apiserver(tmp_path_factory.mktemp("kube")) as running:
-        yield running
+__all__ = ["cluster"]
+pytestmark = needs_apiserver
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ALL_VERSIONS, REPO, CNIResult, Netns, Node, result_ips, unique
+from tests.harness import ALL_VERSIONS, REPO, CNIResult, Netns, Node, pod_args, result_ips, unique
 from tests.k8s.fixture import KubeCluster
 from tests.k8s.k8s_support import (
     CONTAINER_ID,
@@ -39,7 +39,6 @@ from tests.k8s.k8s_support import (
     needs_apiserver,
     objects,
     pod_annotations,
-    pod_args,
     reachable_from,
     wipe_calico,
 )
@@ -90,11 +89,11 @@ def force_delete(cluster: KubeCluster, pod: str) -> None:
 
 
 def add(node: Node, conf: dict[str, Any], pod: str, cid: str, netns: Netns) -> CNIResult:
-    return node.run("ADD", conf, cid, netns.path, args=pod_args(NS, pod))
+    return node.run("ADD", conf, cid, netns.path, args=pod_args(pod, NS))
 
 
 def delete(node: Node, conf: dict[str, Any], pod: str, cid: str, netns: Netns) -> CNIResult:
-    return node.run("DEL", conf, cid, netns.path, args=pod_args(NS, pod))
+    return node.run("DEL", conf, cid, netns.path, args=pod_args(pod, NS))
 
 
 # ---------------------------------------------------------------- lifecycles
@@ -233,7 +232,7 @@ def test_pools_follow_node_labels_then_namespace_then_pod_annotations(
     got = {}
     for ns, pod_name in ((NS, by_selector), (namespace, plain), (namespace, override)):
         result = node.run(
-            "ADD", conf, container_id(), node.new_pod().path, args=pod_args(ns, pod_name)
+            "ADD", conf, container_id(), node.new_pod().path, args=pod_args(pod_name, ns)
         )
         assert result.code == 0, result
         got[pod_name] = ipaddress.ip_interface(result_ips(result.json, "1.0.0")[0]).ip

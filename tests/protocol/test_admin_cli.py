@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, bin_dir
+from tests.harness import REPO, bin_dir, calico_cli
 
 # The seed's pool as shipped in conf/: it must apply unchanged.
 SEED_POOL = (REPO / "conf" / "ippool-default.yaml").read_text()
@@ -22,18 +21,10 @@ def calico(tmp_path: Path) -> Calico:
     executable = bin_dir() / "calico"
     if not executable.exists():
         pytest.fail(f"{executable} is missing: run `make build` first")
-    env = {k: v for k, v in os.environ.items() if k not in ("CNI_COMMAND", "DATASTORE_TYPE")}
-    env["LOCAL_DATASTORE_PATH"] = str(tmp_path / "calico.db")
+    env = {"LOCAL_DATASTORE_PATH": str(tmp_path / "calico.db")}
 
     def run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(executable), *argv],
-            input=stdin,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = calico_cli(*argv, env=env, stdin=stdin)
         assert "Traceback" not in result.stderr, result.stderr
         return result
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.agent_fixture import AgentProcess
-from tests.harness import CNIResult, Node, run_plugin
+from tests.harness import CNIResult, Node, pod_args, run_plugin
 from tests.ipam_support import LocalStore, local_ipam_conf
 from tests.root.checks import expected_host_veth
 
@@ -61,10 +61,6 @@ def store(tmp_path: Path) -> LocalStore:
 
 def ipam_conf(store: LocalStore, tmp_path: Path) -> dict[str, Any]:
     return local_ipam_conf(store, str(tmp_path), log_level="info")
-
-
-def pod_args(pod: str) -> str:
-    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"
 
 
 def handle(container_id: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import GO_PLUGIN_DIR, Node, calico_conf, run_plugin
+from tests.harness import GO_PLUGIN_DIR, Node, calico_conf, pod_args, run_plugin
 from tests.ipam_support import LocalStore
 
 VERSIONS = ["0.3.1", "1.0.0", "1.1.0"]
@@ -46,7 +46,7 @@ def add(node: Node, conf: dict, name: str, **kw):
         conf,
         f"ctr-{name}",
         pod.path,
-        args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME={name}",
+        args=pod_args(name, "ns"),
         **kw,
     )
     return pod, result
@@ -209,7 +209,7 @@ def test_fifty_parallel_adds_on_one_node(node: Node, store: LocalStore, tmp_path
             conf,
             f"ctr-{i}",
             pods[i].path,
-            args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p{i}",
+            args=pod_args(f"p{i}", "ns"),
         )
 
     with ThreadPoolExecutor(50) as pool:
@@ -238,7 +238,7 @@ def test_three_nodes_share_one_datastore(store: LocalStore, tmp_path: Path, cni_
                 conf_for(store, tmp_path, node_name=name),
                 f"ctr-{name}-{i}",
                 pods[job].path,
-                args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME={name}-{i}",
+                args=pod_args(f"{name}-{i}", "ns"),
             )
 
         with ThreadPoolExecutor(30) as pool:
@@ -280,7 +280,7 @@ def test_kill_dash_nine_mid_add_then_del_leaves_ipam_consistent(
             "CNI_NETNS": pod.path,
             "CNI_IFNAME": "eth0",
             "CNI_PATH": node.cni_path,
-            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=k{i}",
+            "CNI_ARGS": pod_args(f"k{i}", "ns"),
         }
         proc = subprocess.Popen(
             ["nsenter", f"--net={node.netns.path}", plugin],
@@ -300,7 +300,7 @@ def test_kill_dash_nine_mid_add_then_del_leaves_ipam_consistent(
             conf,
             f"ctr-k{i}",
             pod.path,
-            args=f"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=k{i}",
+            args=pod_args(f"k{i}", "ns"),
         )
         assert deleted.code == 0, deleted
         assert pod.link("eth0") is None

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.harness import Node, calico_conf
+from tests.harness import Node, calico_conf, pod_args
 from tests.root.checks import expected_host_veth
 
 PODS = 30
@@ -19,7 +19,7 @@ def test_parallel_add_then_parallel_del(node: Node, ipam_dir: str) -> None:
     pods = [node.new_pod() for _ in range(PODS)]
 
     def add(i: int):
-        args = f"IgnoreUnknown=1;K8S_POD_NAMESPACE=burst;K8S_POD_NAME=pod-{i}"
+        args = pod_args(f"pod-{i}", "burst")
         return node.run("ADD", conf, f"ctr-{i}", pods[i].path, args=args)
 
     with ThreadPoolExecutor(PODS) as pool:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import Node, calico_conf, ip_json
+from tests.harness import Node, calico_conf, ip_json, pod_args
 from tests.root.checks import expected_host_veth
 
 VERSIONS = ["0.3.1", "1.0.0"]
-ARGS = "IgnoreUnknown=1;K8S_POD_NAMESPACE=opts;K8S_POD_NAME=pod-1"
+ARGS = pod_args("pod-1", "opts")
 
 
 def host_local(ipam_dir: str) -> dict:

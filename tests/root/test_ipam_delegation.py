@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Node
+from tests.harness import Node, pod_args
 from tests.ipam_support import LocalStore, local_ipam_conf
 
 # `2024-05-01 12:34:56.789 [INFO][4242] ipam/main.py 123: msg`
@@ -50,7 +50,7 @@ def test_ipam_delegate_in_process_only_when_it_is_this_program(
     if layout == "foreign-file":
         env["CNI_PATH"] = foreign_ipam_dir(node, tmp_path)
     pod = node.new_pod()
-    args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=deleg"
+    args = pod_args("deleg")
     conf = local_ipam_conf(store, str(tmp_path))
 
     added = node.run("ADD", conf, "ctr-deleg", pod.path, args=args, env=env)

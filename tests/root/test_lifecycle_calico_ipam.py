@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ALL_VERSIONS, Node, calico_conf, result_ips, version_tuple, with_prev
+from tests.harness import (
+    ALL_VERSIONS,
+    Node,
+    calico_conf,
+    pod_args,
+    result_ips,
+    version_tuple,
+    with_prev,
+)
 from tests.ipam_support import LocalStore
 from tests.root.checks import (
     assert_pod_gone,
@@ -54,10 +62,6 @@ def ipam_conf(
     )
 
 
-def args_for(pod: str) -> str:
-    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}"
-
-
 @pytest.mark.parametrize("stack", list(STACKS))
 @pytest.mark.parametrize("version", ALL_VERSIONS)
 def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, stack: str) -> None:
@@ -70,7 +74,7 @@ def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, 
         status = node.run("STATUS", conf)
         assert (status.code, status.stdout) == (0, ""), status
 
-    add_a = node.run("ADD", conf, "ctr-a", pod_a.path, args=args_for("pod-a"))
+    add_a = node.run("ADD", conf, "ctr-a", pod_a.path, args=pod_args("pod-a"))
     assert add_a.code == 0, add_a
     ips_a = assert_result_shape(add_a.json, version, pod_a, host_a, families)
     mac_a = add_a.json["interfaces"][1]["mac"] if "interfaces" in add_a.json else None
@@ -82,7 +86,7 @@ def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, 
             "10.244.0.0/16" if ":" not in address else "fd00:244::/48"
         )
 
-    add_b = node.run("ADD", conf, "ctr-b", pod_b.path, args=args_for("pod-b"))
+    add_b = node.run("ADD", conf, "ctr-b", pod_b.path, args=pod_args("pod-b"))
     assert add_b.code == 0, add_b
     ips_b = result_ips(add_b.json, version)
     for address_a, address_b in zip(sorted(ips_a), sorted(ips_b), strict=True):
@@ -90,14 +94,14 @@ def test_lifecycle(node: Node, store: LocalStore, tmp_path: Path, version: str, 
         assert node.netns.ping(ip_a)
         assert pod_a.ping(ip_b)
 
-    again = prev_result_runner(node, conf, add_a, "ctr-a", pod_a, args_for("pod-a"))
+    again = prev_result_runner(node, conf, add_a, "ctr-a", pod_a, pod_args("pod-a"))
     if version_tuple(version) >= (0, 4, 0):
         assert_quiet_success(again("CHECK"))
     for _ in range(2):  # DEL is idempotent
         assert_quiet_success(again("DEL"))
     assert_pod_gone(node, pod_a, host_a, ips_a)
     assert store.ips_of(handle) == []
-    assert node.run("DEL", conf, "ctr-b", pod_b.path, args=args_for("pod-b")).code == 0
+    assert node.run("DEL", conf, "ctr-b", pod_b.path, args=pod_args("pod-b")).code == 0
     assert store.handles() == [] and store.in_use() == 0
     assert store.consistency().ok
     assert node.host_veths() == []
@@ -109,13 +113,13 @@ def test_check_fails_when_ipam_lost_the_address(
 ) -> None:
     conf = ipam_conf(version, store, tmp_path)
     pod = node.new_pod()
-    add = node.run("ADD", conf, "ctr", pod.path, args=args_for("p"))
+    add = node.run("ADD", conf, "ctr", pod.path, args=pod_args("p"))
     assert add.code == 0, add
     ip = add.json["ips"][0]["address"].split("/")[0]
     store.release(ip)
-    check = node.run("CHECK", with_prev(conf, add.json), "ctr", pod.path, args=args_for("p"))
+    check = node.run("CHECK", with_prev(conf, add.json), "ctr", pod.path, args=pod_args("p"))
     assert check.code != 0 and "k8s-pod-network.ctr" in check.json["msg"], check
-    assert node.run("DEL", conf, "ctr", pod.path, args=args_for("p")).code == 0
+    assert node.run("DEL", conf, "ctr", pod.path, args=pod_args("p")).code == 0
 
 
 def test_status_without_a_usable_pool(node: Node, tmp_path: Path) -> None:
@@ -133,10 +137,10 @@ def test_gc_releases_exactly_the_stale_handles(
     conf = ipam_conf("1.1.0", store, tmp_path)
     pods = {name: node.new_pod() for name in ("keep", "stale")}
     for name, pod in pods.items():
-        assert node.run("ADD", conf, f"ctr-{name}", pod.path, args=args_for(name)).code == 0
+        assert node.run("ADD", conf, f"ctr-{name}", pod.path, args=pod_args(name)).code == 0
     other_network = dict(conf, name="other-net")
     other_pod = node.new_pod()
-    assert node.run("ADD", other_network, "ctr-other", other_pod.path, args=args_for("o")).code == 0
+    assert node.run("ADD", other_network, "ctr-other", other_pod.path, args=pod_args("o")).code == 0
     gc_conf = dict(
         conf, **{"cni.dev/valid-attachments": [{"containerID": "ctr-keep", "ifname": "eth0"}]}
     )
@@ -145,5 +149,5 @@ def test_gc_releases_exactly_the_stale_handles(
     assert sorted(store.handles()) == ["k8s-pod-network.ctr-keep", "other-net.ctr-other"]
     assert store.consistency().ok
     for name, pod in pods.items():
-        assert node.run("DEL", conf, f"ctr-{name}", pod.path, args=args_for(name)).code == 0
+        assert node.run("DEL", conf, f"ctr-{name}", pod.path, args=pod_args(name)).code == 0
     assert node.run("DEL", other_network, "ctr-other", other_pod.path).code == 0
