@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +252,16 @@ def calico_cli(
         timeout=60,
         check=False,
     )
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    """Poll until `condition` holds: for state that settles asynchronously (a process's
+    log, the kernel's teardown of a deleted netns). Not a speed check: the bound only
+    keeps a test that would never pass from hanging."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
 
 
 def pod_args(pod: str, namespace: str = "default") -> str:

@@ -10,8 +10,7 @@ import signal
 import socket
 import stat
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,11 @@ from typing import Any
 import pytest
 
 from tests.agent_fixture import AgentProcess
-from tests.harness import CNIResult, Node, pod_args, run_plugin
+from tests.harness import CNIResult, Node, pod_args, run_plugin, wait_for
 from tests.ipam_support import LocalStore, local_ipam_conf
 from tests.root.checks import expected_host_veth
 
 NOBODY = 65534
-POLL_S = 0.05
-WAIT_S = 120.0
 # A child that connects as `nobody` and prints what happened.
 CONNECT_AS_NOBODY = """
 import _socket, sys
@@ -65,13 +62,6 @@ def ipam_conf(store: LocalStore, tmp_path: Path) -> dict[str, Any]:
 
 def handle(container_id: str) -> str:
     return f"k8s-pod-network.{container_id}"
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(POLL_S)
 
 
 def running(agent: AgentProcess) -> int:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.harness import ALL_VERSIONS, Node, calico_conf, pod_args, version_tuple
+from tests.harness import ALL_VERSIONS, Node, calico_conf, pod_args, version_tuple, wait_for
 from tests.root.checks import (
     assert_pod_gone,
     assert_pod_networking,
@@ -97,6 +97,8 @@ def test_del_without_netns_releases_ipam(node: Node, ipam_dir: str, version: str
     add = node.run("ADD", conf, "ctr-gone", pod.path, args=pod_args("gone"))
     assert add.code == 0, add
     pod.delete()
+    # The kernel destroys the netns, and the veth pair with it, asynchronously.
+    wait_for(lambda: node.host_veths() == [], "the kernel to destroy the deleted netns's veth")
     for netns in ("", pod.path):
         result = node.run("DEL", conf, "ctr-gone", netns, args=pod_args("gone"))
         assert (result.code, result.stdout) == (0, ""), result
