@@ -9,21 +9,25 @@ BINDIR ?= /opt/cni/bin
 BUNDLE_NAME := calico-bundle
 DIST := $(CURDIR)/dist
 
-.PHONY: all deps venv build install test lint demo bench clean
+.PHONY: all venv test-venv build install test lint demo bench clean
 
 all: build
 
-deps:
-	scripts/install-deps
-
+# The venv `make build` needs (PyInstaller); the tests add theirs (test-venv).
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[build]'
 	touch $@
 
-build: deps
+test-venv: $(VENV)/.installed-test
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[build,test]'
+	touch $@
+
+build:
+	scripts/install-deps build
 	rm -rf build/pyinstaller $(DIST)/$(BUNDLE_NAME) $(DIST)/bin
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(DIST) \
 		--workpath build/pyinstaller build.spec
@@ -42,17 +46,20 @@ install:
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
 
 test: build
+	scripts/install-deps test
 	scripts/run-tests
 
-lint: venv
+lint: test-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 demo: build
+	scripts/install-deps demo
 	scripts/demo
 
 # One run of both benchmarks (bench/README.md); options via CNI_BENCH_ARGS / IPAM_BENCH_ARGS.
 bench: build
+	scripts/install-deps test
 	$(VENV)/bin/python bench/cni_bench.py $(CNI_BENCH_ARGS)
 	$(VENV)/bin/python bench/ipam_bench.py $(IPAM_BENCH_ARGS)
 
