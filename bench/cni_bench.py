@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ipam_plugin.datastore.base import Datastore
+    from libcalico.datastore.base import Datastore
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cni_plugin import netns  # noqa: E402
+from cni_plugin.dataplane import netns  # noqa: E402
 from tests.agent_fixture import AgentProcess  # noqa: E402
 from tests.harness import GO_PLUGIN_DIR, Netns, Node, bin_dir, ip_json, sh, unique  # noqa: E402
 
@@ -354,14 +354,14 @@ def calico_ipam_conf(state: Path) -> dict[str, Any]:
 
 def open_datastore(keys: dict[str, str]) -> Datastore:
     """The datastore a plugin opens from these netconf keys (the environment ignored)."""
-    from ipam_plugin.datastore.config import DatastoreSettings
+    from libcalico.datastore.config import DatastoreSettings
 
     return DatastoreSettings.resolve(keys, environ={}).open()
 
 
 def create_pool(store: Datastore, cidr: str) -> None:
-    from ipam_plugin.datastore.base import KVPair
-    from ipam_plugin.model import IPPool, IPPoolSpec, ObjectMeta, ResourceKey
+    from libcalico.datastore.base import KVPair
+    from libcalico.model import IPPool, IPPoolSpec, ObjectMeta, ResourceKey
 
     pool = IPPool(ObjectMeta("bench-pool"), IPPoolSpec.from_json({"cidr": cidr}))
     store.create(KVPair(ResourceKey("IPPool", pool.name), pool))

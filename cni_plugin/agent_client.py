@@ -20,6 +20,9 @@ import _socket
 import posix
 import sys
 
+# The roles a request may name: the CNI plugin and its IPAM plugin.
+PLUGIN_ROLE = "calico"
+IPAM_ROLE = "calico-ipam"
 DEFAULT_SOCKET = b"/var/run/calico/cni-agent.sock"
 SOCKET_ENV = b"CALICO_AGENT_SOCKET"
 MAGIC = b"calico-cni-agent/1"

@@ -1,8 +1,9 @@
 """The one entry point of the bundle: the role comes from the executable's name.
 
-As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin, otherwise
-the `calico` plugin, which without CNI_COMMAND is the admin CLI. `calico` and
-`calico-ipam` are symlinks to the bundle's executable, whose argv[0] keeps the link's name.
+As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin; as
+`calicoctl` or `kubectl-calico` the operator's CLI; otherwise the `calico` plugin, which
+without CNI_COMMAND is the same CLI (`calico agent` runs the node's CNI server). The
+executables are symlinks to the bundle's executable, whose argv[0] keeps the link's name.
 
 A CNI invocation first tries the node agent (agent_client, builtins only); when none
 answers, this process does the whole job, importing only what the verb needs. Nothing
@@ -13,8 +14,9 @@ import posix
 import sys
 
 from cni_plugin import agent_client
+from cni_plugin.agent_client import IPAM_ROLE, PLUGIN_ROLE
 
-IPAM_NAME = "calico-ipam"
+CLI_NAMES = ("calicoctl", "kubectl-calico")
 
 
 def run_standalone(name: str, stdin: bytes | None = None) -> int:
@@ -63,16 +65,25 @@ def recover_lost_add(name: str, stdin: bytes) -> int:
     return _print(answer.code, answer.stdout)
 
 
+def run_command_line(name: str, argv: list[str]) -> int:
+    """Not a CNI invocation: the operator's CLI, or the node's CNI server."""
+    if name not in CLI_NAMES and argv[:1] == ["agent"]:
+        from calico_node.cni_server import main as serve
+
+        return serve(argv[1:])
+    from calicoctl.cli import main as cli_main
+
+    return cli_main(argv, prog=name if name in CLI_NAMES else "calico")
+
+
 def main() -> None:
     name = agent_client.exec_name()
     command = posix.environ.get(b"CNI_COMMAND")
-    if name != IPAM_NAME and not command:
-        from cni_plugin.cli import main as cli_main
-
-        sys.exit(cli_main(sys.argv[1:]))
+    if name in CLI_NAMES or (name != IPAM_ROLE and not command):
+        sys.exit(run_command_line(name, sys.argv[1:]))
     stdin = None
     if command:
-        handoff = agent_client.hand_off(b"calico-ipam" if name == IPAM_NAME else b"calico")
+        handoff = agent_client.hand_off((IPAM_ROLE if name == IPAM_ROLE else PLUGIN_ROLE).encode())
         if handoff.code is not None:
             posix._exit(handoff.code)  # everything went out through posix.write already
         if handoff.lost and command == b"ADD":

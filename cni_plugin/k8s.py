@@ -25,8 +25,8 @@ from typing import Any
 from cni_plugin.netconf import NetConf, pod_cidr_version, subnet_holders, uses_pod_cidr
 from cni_plugin.skel import Request
 from cni_plugin.types import ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError, IPInterface
-from ipam_plugin.datastore.base import Conflict, NotFound
-from ipam_plugin.datastore.k8s_client import (
+from libcalico.datastore.base import Conflict, NotFound
+from libcalico.datastore.k8s_client import (
     STRATEGIC_MERGE_PATCH,
     Invalid,
     KubeClient,
@@ -266,7 +266,7 @@ class PodAdd:
         assert conf.ipam is not None
         if kdd:
             from cni_plugin.workload import require_ready
-            from ipam_plugin.datastore.kubernetes import KubernetesDatastore
+            from libcalico.datastore.kubernetes import KubernetesDatastore
 
             require_ready(KubernetesDatastore(client))
         namespace, name = req.args.get("K8S_POD_NAMESPACE", ""), req.args.get("K8S_POD_NAME")

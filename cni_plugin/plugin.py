@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cni_plugin import ipam_exec, workload
+from cni_plugin.datastore import settings_for, translate_errors
 from cni_plugin.netconf import NetConf, load_with_logging, pod_cidr_version, subnet_holders
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -26,12 +27,12 @@ from cni_plugin.types import (
     Route,
 )
 from cni_plugin.workload import WorkloadID
-from ipam_plugin.datastore.config import DatastoreSettings, translate_errors
 
 if TYPE_CHECKING:
     from cni_plugin import k8s
-    from ipam_plugin.datastore.base import Datastore
-    from ipam_plugin.datastore.k8s_client import KubeClient
+    from libcalico.datastore.base import Datastore
+    from libcalico.datastore.config import DatastoreSettings
+    from libcalico.datastore.k8s_client import KubeClient
 
 COMPONENT = "cni-plugin"
 DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -102,17 +103,17 @@ def _profiles(conf: NetConf, wid: WorkloadID) -> list[str]:
 
 
 def cmd_add(req: Request) -> Result:
-    from cni_plugin import dataplane
+    from cni_plugin.dataplane import veth
 
     started = time.monotonic()
     conf = _load(req)
     conf.require_nodename_file()
     ipam_type = _ipam_type(conf)
     mtu = conf.resolve_mtu()
-    host_ifname = dataplane.host_veth_name(req.args, req.container_id)
+    host_ifname = veth.host_veth_name(req.args, req.container_id)
     wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)
     log.info("Calico CNI ADD", extra={"fields": _fields(req, Node=wid.node)})
-    settings = DatastoreSettings.resolve(conf.raw, req.environ or None)
+    settings = settings_for(conf.raw, req.environ)
     with translate_errors(), contextlib.ExitStack() as cleanup:
         store = _endpoint_store(settings)
         kube = _kube_client(conf, req, settings)
@@ -145,7 +146,7 @@ def _add_with_ipam(
     pod_add: k8s.PodAdd | None,
 ) -> Result:
     """Everything after IPAM ADD is undone (addresses released) when any step fails."""
-    from cni_plugin import dataplane
+    from cni_plugin.dataplane import veth
 
     ipam_req = pod_add.ipam_request(req) if pod_add else req
     static = pod_add.plan.static if pod_add else []
@@ -160,8 +161,8 @@ def _add_with_ipam(
         log.info(
             "Calico CNI using IPs: %s", [str(ip) for ip in ips], extra={"fields": _fields(req)}
         )
-        interfaces = dataplane.setup_pod(
-            dataplane.PodSpec(
+        interfaces = veth.setup_pod(
+            veth.PodSpec(
                 netns_path=req.netns,
                 ifname=req.ifname,
                 host_ifname=host_ifname,
@@ -189,7 +190,7 @@ def _add_with_ipam(
                     _profiles(conf, wid),
                 )
         except BaseException:
-            dataplane.teardown_pod(req.netns, req.ifname)
+            veth.teardown_pod(req.netns, req.ifname)
             raise
     except BaseException as exc:
         log.error("ADD failed after IPAM allocated addresses, releasing them: %s", exc)
@@ -199,7 +200,7 @@ def _add_with_ipam(
     return Result(
         interfaces=[interfaces.host, interfaces.pod],
         ips=[IPConfig(address=ip, interface=1) for ip in ips],
-        routes=[Route(dst=dst, gw=dataplane.GATEWAYS[dst.version]) for dst in routes],
+        routes=[Route(dst=dst, gw=veth.GATEWAYS[dst.version]) for dst in routes],
         dns=ipam_result.dns,
     )
 
@@ -225,13 +226,13 @@ def _del_stdin(req: Request, conf: NetConf) -> bytes:
 
 def cmd_del(req: Request) -> None:
     """IPAM first (it needs no netns), then the endpoint record, then the pod interface."""
-    from cni_plugin import dataplane
+    from cni_plugin.dataplane import veth
 
     started = time.monotonic()
     conf = _load(req)
     ipam_type = _ipam_type(conf)
     log.info("Calico CNI DEL", extra={"fields": _fields(req)})
-    settings = DatastoreSettings.resolve(conf.raw, req.environ or None)
+    settings = settings_for(conf.raw, req.environ)
     pod = req.args.get("K8S_POD_NAME")
     if settings.type == "kubernetes" and pod:
         # First, as Calico does: a DEL that cannot reach the API server changes nothing.
@@ -248,7 +249,7 @@ def cmd_del(req: Request) -> None:
                 wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)
                 workload.delete_endpoint(store, wid, req.container_id)
     if req.netns:
-        dataplane.teardown_pod(req.netns, req.ifname)
+        veth.teardown_pod(req.netns, req.ifname)
     else:
         log.info("CNI_NETNS is empty: no interface to remove")
     log.info(
@@ -257,7 +258,7 @@ def cmd_del(req: Request) -> None:
 
 
 def cmd_check(req: Request) -> None:
-    from cni_plugin import dataplane, dataplane_check
+    from cni_plugin.dataplane import check, veth
 
     conf = _load(req)
     ipam_type = _ipam_type(conf)
@@ -266,9 +267,9 @@ def cmd_check(req: Request) -> None:
     if prev is None:
         raise CNIError(ERR_INVALID_CONFIG, "calico: Required prevResult missing")
     host = next((i for i in prev.interfaces if not i.sandbox), None)
-    host_ifname = host.name if host else dataplane.host_veth_name(req.args, req.container_id)
+    host_ifname = host.name if host else veth.host_veth_name(req.args, req.container_id)
     families = {ipc.address.version for ipc in prev.ips}
-    dataplane_check.check_pod(req.netns, req.ifname, host_ifname, prev, pod_routes(conf, families))
+    check.check_pod(req.netns, req.ifname, host_ifname, prev, pod_routes(conf, families))
 
 
 def cmd_status(req: Request) -> None:

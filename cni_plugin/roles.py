@@ -1,4 +1,4 @@
-"""The program's two roles, and one invocation of a role run inside this process.
+"""The two CNI roles, and one invocation of a role run inside this process.
 
 Every CNI invocation runs through `execute`: a one-shot plugin process, each request of the
 node agent, and a `calico-ipam` delegate of either. The delegate runs in its caller's
@@ -13,14 +13,14 @@ from collections.abc import Callable
 from typing import TextIO
 
 from cni_plugin import ipam_exec, logs, skel
-from cni_plugin.entry import IPAM_NAME
+from cni_plugin.agent_client import IPAM_ROLE, PLUGIN_ROLE
 
-ROLES = ("calico", IPAM_NAME)
+ROLES = (PLUGIN_ROLE, IPAM_ROLE)
 
 
 def load_role(name: str) -> tuple[str, dict[str, skel.Handler]]:
     """The logging component and the verb handlers of the `calico` or `calico-ipam` role."""
-    if name == IPAM_NAME:
+    if name == IPAM_ROLE:
         from ipam_plugin.main import COMPONENT, HANDLERS
     else:
         from cni_plugin.plugin import COMPONENT, HANDLERS
@@ -48,9 +48,9 @@ def execute(
 def run_ipam_delegate(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
     """calico-ipam as a delegate of this process; its log lines join its caller's, as an
     exec'd plugin's stderr would."""
-    outcome, _ = execute(IPAM_NAME, environ, lambda: stdin)
+    outcome, _ = execute(IPAM_ROLE, environ, lambda: stdin)
     return outcome.code, outcome.stdout
 
 
 def delegate_ipam_in_process() -> None:
-    ipam_exec.IN_PROCESS[IPAM_NAME] = run_ipam_delegate
+    ipam_exec.IN_PROCESS[IPAM_ROLE] = run_ipam_delegate

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugin.netns import guard_own_netns
+from cni_plugin.dataplane.netns import guard_own_netns
 from cni_plugin.types import (
     CURRENT_VERSION,
     DEFAULT_VERSION,

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 
 from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError, IPInterface
-from ipam_plugin.datastore.base import AlreadyExists, Datastore, KVPair, NotFound
-from ipam_plugin.model import (
+from libcalico.datastore.base import AlreadyExists, Datastore, KVPair, NotFound
+from libcalico.model import (
     ClusterInformation,
     ObjectMeta,
     Profile,

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ipam_plugin.datastore.base import AlreadyExists, Conflict, Datastore, KVPair, NotFound
-from ipam_plugin.model import (
+from libcalico.datastore.base import AlreadyExists, Conflict, Datastore, KVPair, NotFound
+from libcalico.model import (
     STATE_CONFIRMED,
     STATE_PENDING,
     STATE_PENDING_DELETION,
@@ -44,7 +44,7 @@ from ipam_plugin.model import (
     host_affinity,
     sanitize_handle_id,
 )
-from ipam_plugin.selector import SelectorError, selector_matches
+from libcalico.selector import SelectorError, selector_matches
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ipam_plugin.datastore.base import Datastore, NotFound
-from ipam_plugin.model import (
+from libcalico.datastore.base import Datastore, NotFound
+from libcalico.model import (
     AllocationAttribute,
     AllocationBlock,
     BlockAffinityListOptions,

@@ -12,7 +12,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError
+
+class IPAMLockTimeout(Exception):
+    """The lock was not free within the timeout; `holder` names who has it."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def acquire_flock(fd: int, timeout: float) -> bool:
@@ -42,8 +48,7 @@ def ipam_lock(path: str, timeout: float) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         if not acquire_flock(fd, timeout):
-            raise CNIError(
-                ERR_TRY_AGAIN_LATER,
+            raise IPAMLockTimeout(
                 f"timed out after {timeout:g}s waiting for the IPAM lock {path}",
                 f"held by {lock_holder(fd)}",
             )

@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cni_plugin.datastore import settings_for, translate_errors
 from cni_plugin.netconf import IPAMConf, NetConf, load_with_logging
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -28,63 +27,16 @@ from cni_plugin.types import (
     Result,
     Route,
 )
-from ipam_plugin.datastore.base import (
-    NotFound,
-)
-from ipam_plugin.datastore.config import DatastoreSettings, translate_errors
-from ipam_plugin.lock import ipam_lock
+from ipam_plugin.attachment import Attachment
+from ipam_plugin.lock import IPAMLockTimeout, ipam_lock
+from libcalico.datastore.base import NotFound
 
 if TYPE_CHECKING:
     from ipam_plugin.engine import IPAM
+    from libcalico.datastore.config import DatastoreSettings
 
 COMPONENT = "ipam"
 log = logging.getLogger(COMPONENT)
-
-
-@dataclass
-class Attachment:
-    """Who asks: the identifiers Calico derives its handle IDs from."""
-
-    network: str
-    container_id: str
-    ifname: str
-    namespace: str
-    pod: str
-    node: str
-
-    @classmethod
-    def of(cls, req: Request, conf: NetConf) -> Attachment:
-        return cls(
-            network=conf.name,
-            container_id=req.container_id,
-            ifname=req.ifname,
-            namespace=req.args.get("K8S_POD_NAMESPACE", ""),
-            pod=req.args.get("K8S_POD_NAME", ""),
-            node=conf.resolve_nodename(),
-        )
-
-    @property
-    def handle_id(self) -> str:
-        return f"{self.network}.{self.container_id}"
-
-    @property
-    def workload_id(self) -> str:
-        """The legacy handle Calico also releases on DEL."""
-        return f"{self.namespace}.{self.pod}" if self.namespace and self.pod else self.container_id
-
-    def attrs(self) -> dict[str, str]:
-        attrs = {"node": self.node, "timestamp": _go_timestamp()}
-        if self.pod:
-            attrs.update(namespace=self.namespace, pod=self.pod)
-        return attrs
-
-
-def _go_timestamp() -> str:
-    """UTC now in Go's default time format, as Calico stores it in allocation attributes."""
-    ns = time.time_ns()
-    fraction = f"{ns % 1_000_000_000:09d}".rstrip("0")
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 1_000_000_000))
-    return f"{stamp}{'.' + fraction if fraction else ''} +0000 UTC"
 
 
 def _load(req: Request) -> tuple[NetConf, IPAMConf]:
@@ -99,7 +51,7 @@ def _load(req: Request) -> tuple[NetConf, IPAMConf]:
 def _settings(req: Request, conf: NetConf) -> DatastoreSettings:
     """The datastore as the calling plugin resolves it: netconf keys, else the caller's
     environment."""
-    return DatastoreSettings.resolve(conf.raw, req.environ or None)
+    return settings_for(conf.raw, req.environ)
 
 
 @contextmanager
@@ -109,8 +61,11 @@ def _engine(settings: DatastoreSettings, conf: NetConf, locked: bool = False) ->
     from ipam_plugin.engine import IPAM
 
     lock = ipam_lock(conf.ipam_lock_file, conf.ipam_lock_timeout) if locked else nullcontext()
-    with translate_errors(), settings.open() as store, lock:
-        yield IPAM(store)
+    try:
+        with translate_errors(), settings.open() as store, lock:
+            yield IPAM(store)
+    except IPAMLockTimeout as err:
+        raise CNIError(ERR_TRY_AGAIN_LATER, str(err), err.holder) from err
 
 
 def _is_range_mode(ipam: IPAMConf) -> bool:

@@ -21,7 +21,7 @@ from cni_plugin.types import (
     parse_result,
 )
 from ipam_plugin import ranges
-from ipam_plugin.main import Attachment
+from ipam_plugin.attachment import Attachment
 
 
 @contextmanager

@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from ipam_plugin.datastore.config import DatastoreSettings
-from ipam_plugin.datastore.etcd import EtcdDatastore
+from libcalico.datastore.config import DatastoreSettings
+from libcalico.datastore.etcd import EtcdDatastore
 
 ETCD_BINARY = "/usr/bin/etcd"
 START_TIMEOUT = 30.0

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipam_plugin import inspect
-from ipam_plugin.datastore.base import KVPair, NotFound
-from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM
-from ipam_plugin.model import (
+from libcalico.datastore.base import KVPair, NotFound
+from libcalico.datastore.local import LocalDatastore
+from libcalico.model import (
     IPAMConfig,
     IPAMConfigKey,
     IPPool,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ipam_plugin.datastore.base import AlreadyExists, Conflict, Datastore, KVPair, NotFound
-from ipam_plugin.datastore.local import LocalDatastore
-from ipam_plugin.model import (
+from libcalico.datastore.base import AlreadyExists, Conflict, Datastore, KVPair, NotFound
+from libcalico.datastore.local import LocalDatastore
+from libcalico.model import (
     BlockAffinity,
     BlockAffinityKey,
     BlockAffinityListOptions,

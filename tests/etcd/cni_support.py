@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cni_plugin.netns import entered, open_netns
-from ipam_plugin.datastore.base import KVPair, NotFound
-from ipam_plugin.datastore.etcd import EtcdDatastore
-from ipam_plugin.model import (
+from cni_plugin.dataplane.netns import entered, open_netns
+from libcalico.datastore.base import KVPair, NotFound
+from libcalico.datastore.etcd import EtcdDatastore
+from libcalico.model import (
     ClusterInformation,
     IPPool,
     IPPoolSpec,

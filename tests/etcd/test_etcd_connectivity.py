@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipam_plugin.datastore.base import DatastoreUnavailable, KVPair, NotFound
-from ipam_plugin.datastore.config import DatastoreSettings
-from ipam_plugin.datastore.etcd import Endpoint, EtcdDatastore
-from ipam_plugin.model import HandleKey, IPAMHandle
+from libcalico.datastore.base import DatastoreUnavailable, KVPair, NotFound
+from libcalico.datastore.config import DatastoreSettings
+from libcalico.datastore.etcd import Endpoint, EtcdDatastore
+from libcalico.model import HandleKey, IPAMHandle
 from tests.etcd_fixture import EtcdCluster, free_port
 
 HANDLE = HandleKey("k8s-pod-network.c1")

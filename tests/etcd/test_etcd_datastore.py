@@ -12,15 +12,15 @@ import json
 
 import pytest
 
-from ipam_plugin.datastore.base import (
+from libcalico.datastore.base import (
     AlreadyExists,
     Conflict,
     DatastoreCorrupt,
     KVPair,
     NotFound,
 )
-from ipam_plugin.datastore.etcd import Endpoint, EtcdDatastore
-from ipam_plugin.model import (
+from libcalico.datastore.etcd import Endpoint, EtcdDatastore
+from libcalico.model import (
     BlockAffinity,
     BlockAffinityKey,
     BlockKey,

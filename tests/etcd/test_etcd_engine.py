@@ -6,11 +6,11 @@ import ipaddress
 import os
 from typing import Any
 
-from ipam_plugin.datastore.base import KVPair
-from ipam_plugin.datastore.config import DatastoreSettings
 from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.inspect import check_consistency, pool_usage
-from ipam_plugin.model import IPPool, ResourceKey
+from libcalico.datastore.base import KVPair
+from libcalico.datastore.config import DatastoreSettings
+from libcalico.model import IPPool, ResourceKey
 from tests.etcd_fixture import EtcdCluster
 from tests.ipam_support import results_of_processes
 

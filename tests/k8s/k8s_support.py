@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from ipam_plugin.datastore.k8s_client import KubeAccess, KubeClient
-from ipam_plugin.datastore.kubernetes import KubernetesDatastore
+from libcalico.datastore.k8s_client import KubeAccess, KubeClient
+from libcalico.datastore.kubernetes import KubernetesDatastore
 from tests.etcd.cni_support import LoopbackRelay
 from tests.harness import Node, calico_cli, calico_conf
 from tests.k8s.fixture import KubeCluster, apiserver_available, kube_apiserver

@@ -394,7 +394,7 @@ def test_add_for_a_pod_recreated_meanwhile_is_not_recorded_on_the_new_pod(
     never patched, and the ADD's address is given back."""
     from cni_plugin.k8s import Pod, record_pod_ips
     from cni_plugin.types import CNIError
-    from ipam_plugin.datastore.k8s_client import KubeAccess, KubeClient
+    from libcalico.datastore.k8s_client import KubeAccess, KubeClient
 
     name = unique("racy")
     first = kube.create_pod(NS, name, "node1")

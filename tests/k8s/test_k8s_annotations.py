@@ -12,7 +12,7 @@ from cni_plugin.k8s import Pod, PodAdd, plan_addresses, with_pod_cidrs
 from cni_plugin.netconf import NetConf
 from cni_plugin.skel import Request
 from cni_plugin.types import CNIError
-from ipam_plugin.datastore.k8s_client import KubeAccess, ServerURL
+from libcalico.datastore.k8s_client import KubeAccess, ServerURL
 
 P = "cni.projectcalico.org/"
 

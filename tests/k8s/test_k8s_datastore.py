@@ -14,17 +14,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from ipam_plugin.datastore.base import (
+from ipam_plugin.engine import IPAM, AutoAssignRequest
+from libcalico.datastore.base import (
     DatastoreError,
     DatastoreUnavailable,
     KVPair,
     NotFound,
 )
-from ipam_plugin.datastore.config import DatastoreSettings
-from ipam_plugin.datastore.k8s_client import KubeAccess, KubeClient
-from ipam_plugin.datastore.kubernetes import KubernetesDatastore, affinity_name, hostname_hash
-from ipam_plugin.engine import IPAM, AutoAssignRequest
-from ipam_plugin.model import (
+from libcalico.datastore.config import DatastoreSettings
+from libcalico.datastore.k8s_client import KubeAccess, KubeClient
+from libcalico.datastore.kubernetes import KubernetesDatastore, affinity_name, hostname_hash
+from libcalico.model import (
     BlockAffinity,
     BlockAffinityKey,
     BlockKey,
@@ -72,7 +72,7 @@ def nodes(cluster: KubeCluster) -> None:
 
 
 def test_lists_page_through_large_collections(store: KubernetesDatastore, monkeypatch) -> None:
-    monkeypatch.setattr("ipam_plugin.datastore.kubernetes.LIST_PAGE", 3)
+    monkeypatch.setattr("libcalico.datastore.kubernetes.LIST_PAGE", 3)
     ids = [f"k8s-pod-network.{i:02d}" for i in range(8)]
     for handle in ids:
         store.create(KVPair(HandleKey(handle), IPAMHandle({"10.0.0.0/26": 1})))
@@ -235,7 +235,7 @@ def test_a_half_deleted_object_reads_as_absent_and_the_reader_finishes_the_delet
 
 
 def _block(cidr: str):
-    from ipam_plugin.model import AllocationBlock
+    from libcalico.model import AllocationBlock
 
     return AllocationBlock.new(NET(cidr), "host:node1", "2024-01-01T00:00:00Z", 1)
 

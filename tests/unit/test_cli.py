@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cni_plugin.cli import main
+from calicoctl.cli import main
 from cni_plugin.types import CNIError
 from cni_plugin.workload import require_ready
-from ipam_plugin.datastore.base import KVPair
-from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest
-from ipam_plugin.model import ClusterInformation, HandleKey, ObjectMeta, ResourceKey
+from libcalico.datastore.base import KVPair
+from libcalico.datastore.local import LocalDatastore
+from libcalico.model import ClusterInformation, HandleKey, ObjectMeta, ResourceKey
 from tests.harness import REPO
 
 # The seed's pool as shipped in conf/: it must apply unchanged.

@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-from ipam_plugin.datastore.base import Conflict, KVPair, NotFound
-from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import (
     BLOCK_LIMIT_MESSAGE,
     IPAM,
@@ -21,7 +19,9 @@ from ipam_plugin.engine import (
     fnv1_32,
 )
 from ipam_plugin.inspect import check_consistency
-from ipam_plugin.model import (
+from libcalico.datastore.base import Conflict, KVPair, NotFound
+from libcalico.datastore.local import LocalDatastore
+from libcalico.model import (
     AllocationBlock,
     BlockAffinity,
     BlockAffinityKey,

@@ -11,11 +11,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from ipam_plugin.datastore.base import KVPair, NotFound
-from ipam_plugin.datastore.local import LocalDatastore
 from ipam_plugin.engine import IPAM, AutoAssignRequest, IPAMError
 from ipam_plugin.inspect import check_consistency
-from ipam_plugin.model import BlockListOptions, IPAMConfig, IPAMConfigKey, IPPool, ResourceKey
+from libcalico.datastore.base import KVPair, NotFound
+from libcalico.datastore.local import LocalDatastore
+from libcalico.model import BlockListOptions, IPAMConfig, IPAMConfigKey, IPPool, ResourceKey
 
 HOSTS = ("node1", "node2", "node3")
 POOLS = {"p1": ("10.0.0.0/28", 30), "p2": ("10.1.0.0/29", 29)}

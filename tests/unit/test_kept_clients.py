@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ipam_plugin.datastore import config
-from ipam_plugin.datastore.base import Datastore, DatastoreUnavailable, KVPair, NotFound
-from ipam_plugin.datastore.config import DatastoreSettings
-from ipam_plugin.datastore.kept import KeptClients
-from ipam_plugin.model import IPAMConfig, IPAMConfigKey
+from libcalico.datastore import config
+from libcalico.datastore.base import Datastore, DatastoreUnavailable, KVPair, NotFound
+from libcalico.datastore.config import DatastoreSettings
+from libcalico.datastore.kept import KeptClients
+from libcalico.model import IPAMConfig, IPAMConfigKey
 
 
 @pytest.fixture

@@ -23,15 +23,15 @@ from typing import Any
 
 import pytest
 
-from ipam_plugin.datastore.base import (
+from ipam_plugin.engine import IPAM, AutoAssignRequest
+from ipam_plugin.inspect import assignment, check_consistency, ipam_config, pool_usage
+from libcalico.datastore.base import (
     DatastoreCorrupt,
     DatastoreUnavailable,
     KVPair,
 )
-from ipam_plugin.datastore.local import LocalDatastore
-from ipam_plugin.engine import IPAM, AutoAssignRequest
-from ipam_plugin.inspect import assignment, check_consistency, ipam_config, pool_usage
-from ipam_plugin.model import (
+from libcalico.datastore.local import LocalDatastore
+from libcalico.model import (
     AllocationBlock,
     BlockAffinity,
     BlockAffinityKey,

@@ -1,4 +1,4 @@
-"""cni_plugin.rtnl against the real kernel, read back independently with `ip -j`.
+"""cni_plugin.dataplane.rtnl against the real kernel, read back independently with `ip -j`.
 
 Every test works inside throwaway network namespaces created and deleted by exact name.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cni_plugin import netns, rtnl
+from cni_plugin.dataplane import netns, rtnl
 from tests.harness import Netns, ip_json
 
 pytestmark = pytest.mark.root

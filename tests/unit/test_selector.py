@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipam_plugin.selector import SelectorError, parse_selector
+from libcalico.selector import SelectorError, parse_selector
 
 LABELS = {"zone": "us-east-1", "role": "worker", "k8s.io/arch": "amd64"}
 

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ipam_plugin.model import Key, ListOptions
+from libcalico.model import Key, ListOptions
 
 
 @dataclass
@@ -45,6 +45,15 @@ class DatastoreUnavailable(DatastoreError):
 
 class DatastoreCorrupt(DatastoreUnavailable):
     """The datastore's storage is damaged and needs an operator."""
+
+
+class InvalidDatastoreConfig(DatastoreError):
+    """The settings that choose and reach the datastore are wrong; `hint` says how to
+    mend them."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 class Datastore(ABC):

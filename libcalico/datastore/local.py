@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ipam_plugin.datastore.base import (
+from libcalico.datastore.base import (
     AlreadyExists,
     Conflict,
     Datastore,
@@ -25,7 +25,7 @@ from ipam_plugin.datastore.base import (
     KVPair,
     NotFound,
 )
-from ipam_plugin.model import (
+from libcalico.model import (
     Key,
     ListOptions,
     decode_value,

@@ -1,4 +1,4 @@
-"""`calico` without CNI_COMMAND: the operator's admin commands.
+"""The operator's CLI: `calicoctl`, and `calico` run without CNI_COMMAND.
 
 Every failure ends here as one line on stderr and a non-zero exit, never a traceback:
 the operator's mistakes (CommandError, usage), and a datastore that cannot be used.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from cni_plugin.types import SUPPORTED_VERSIONS, CNIError
+from cni_plugin.types import SUPPORTED_VERSIONS
 
 VERSION = "0.1.0"
 EXIT_FAILURE = 1
@@ -28,11 +28,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from cni_plugin import agent, ctl_commands, ctl_ipam
+def build_parser(prog: str = "calico") -> argparse.ArgumentParser:
+    from calicoctl import commands, ipam
 
     parser = _Parser(
-        prog="calico",
+        prog=prog,
         description="Calico-compatible CNI plugin. Run by the container runtime with "
         "CNI_COMMAND set; without it, these admin commands are available.",
     )
@@ -47,14 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="datastore settings (netconf keys or a CalicoAPIConfig); default: environment",
     )
-    ctl_commands.register(
+    commands.register(
         sub.add_parser(
             "ctl", help="manage IP pools, reservations, IPAM configuration, cluster information"
         ),
         datastore,
     )
-    ctl_ipam.register(sub.add_parser("ipam", help="inspect and repair IP address use"), datastore)
-    agent.register(sub.add_parser("agent", help="run the node agent that serves CNI requests"))
+    ipam.register(sub.add_parser("ipam", help="inspect and repair IP address use"), datastore)
+    # Served before this parser runs (entry.run_command_line); listed here for --help.
+    sub.add_parser("agent", help="run the node agent that serves CNI requests")
     return parser
 
 
@@ -68,11 +69,11 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
-def main(argv: list[str]) -> int:
-    from cni_plugin.ctl_errors import CommandError
-    from ipam_plugin.datastore.base import DatastoreError
+def main(argv: list[str], prog: str = "calico") -> int:
+    from calicoctl.errors import CommandError
+    from libcalico.datastore.base import DatastoreError
 
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
         opts = parser.parse_args(argv)
         if opts.version or opts.command == "version":
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
         return _fail(str(err), EXIT_USAGE)
     except CommandError as err:
         return _fail(str(err))
-    except (DatastoreError, CNIError) as err:
+    except DatastoreError as err:
         return _fail(f"datastore error: {err}")
     except BrokenPipeError:
         return EXIT_FAILURE

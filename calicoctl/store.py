@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from cni_plugin.ctl_errors import CommandError
-from cni_plugin.ctl_resources import (
+from calicoctl.errors import CommandError
+from calicoctl.resources import (
     CLUSTERINFORMATION,
     IPAM_CONFIG_NAME,
     IPAMCONFIGURATION,
@@ -24,14 +24,14 @@ from cni_plugin.ctl_resources import (
     IPAMConfiguration,
     validate_resource,
 )
-from ipam_plugin.datastore.base import (
+from libcalico.datastore.base import (
     AlreadyExists,
     Conflict,
     Datastore,
     KVPair,
     NotFound,
 )
-from ipam_plugin.model import (
+from libcalico.model import (
     IPAMConfigKey,
     IPPool,
     Key,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from cni_plugin.ctl_datastore import open_datastore
-from cni_plugin.ctl_errors import CommandError
-from cni_plugin.ctl_resources import (
+from calicoctl.datastore import open_datastore
+from calicoctl.errors import CommandError
+from calicoctl.resources import (
     CLUSTERINFORMATION,
     IPAMCONFIGURATION,
     IPPOOL,
@@ -19,8 +19,8 @@ from cni_plugin.ctl_resources import (
     CtlResource,
     canonical_kind,
 )
-from cni_plugin.ctl_store import ResourceClient, StoredResource, WriteMode
-from ipam_plugin.model import API_VERSION
+from calicoctl.store import ResourceClient, StoredResource, WriteMode
+from libcalico.model import API_VERSION
 
 OUTPUT_FORMATS = ("ps", "wide", "yaml", "json")
 
@@ -75,14 +75,14 @@ _COLUMNS: dict[str, list[_Column]] = {
 def render(kind: str, found: list[StoredResource], output: str, single: bool) -> str:
     """calicoctl's output: a table, or the resource (one named) / a `<Kind>List`."""
     if output in ("yaml", "json"):
-        from cni_plugin.ctl_documents import dump_json, dump_yaml
+        from calicoctl.documents import dump_json, dump_yaml
 
         docs = [stored.to_json() for stored in found]
         doc = (
             docs[0] if single else {"apiVersion": API_VERSION, "kind": f"{kind}List", "items": docs}
         )
         return dump_yaml(doc) if output == "yaml" else dump_json(doc)
-    from cni_plugin.ctl_tables import column_table
+    from calicoctl.tables import column_table
 
     columns = [c for c in _COLUMNS[kind] if output == "wide" or not c.wide_only]
     rows = [[c.value(stored.resource) for c in columns] for stored in found]
@@ -90,8 +90,8 @@ def render(kind: str, found: list[StoredResource], output: str, single: bool) ->
 
 
 def _read_resources(path: str) -> list[CtlResource]:
-    from cni_plugin.ctl_documents import load_documents, source_name
-    from cni_plugin.ctl_resources import parse_resources
+    from calicoctl.documents import load_documents, source_name
+    from calicoctl.resources import parse_resources
 
     return parse_resources(load_documents(path), source_name(path))
 
@@ -124,8 +124,8 @@ def _targets(opts: argparse.Namespace) -> list[tuple[str, str]]:
     if opts.filename:
         if opts.kind:
             raise CommandError("give either KIND NAME or -f FILE, not both")
-        from cni_plugin.ctl_documents import load_documents, source_name
-        from cni_plugin.ctl_resources import expand_lists, identity
+        from calicoctl.documents import load_documents, source_name
+        from calicoctl.resources import expand_lists, identity
 
         source = source_name(opts.filename)
         return [identity(doc, source) for doc in expand_lists(load_documents(opts.filename))]

@@ -7,11 +7,11 @@ import ipaddress
 import json
 from dataclasses import asdict
 
-from cni_plugin.ctl_datastore import open_datastore
-from cni_plugin.ctl_errors import CommandError
-from ipam_plugin.datastore.base import Datastore
+from calicoctl.datastore import open_datastore
+from calicoctl.errors import CommandError
 from ipam_plugin.inspect import ConsistencyReport, assignment
-from ipam_plugin.model import (
+from libcalico.datastore.base import Datastore
+from libcalico.model import (
     IPAddress,
     IPPool,
     ResourceListOptions,
@@ -33,7 +33,7 @@ def usage_row(grouping: str, cidr: str, in_use: int, total: int) -> list[str]:
 
 
 def _usage_table(store: Datastore, show_blocks: bool) -> str:
-    from cni_plugin.ctl_tables import box_table
+    from calicoctl.tables import box_table
     from ipam_plugin.inspect import pool_usage
 
     rows = []
@@ -46,7 +46,7 @@ def _usage_table(store: Datastore, show_blocks: bool) -> str:
 
 
 def _configuration_table(store: Datastore) -> str:
-    from cni_plugin.ctl_tables import box_table
+    from calicoctl.tables import box_table
     from ipam_plugin.inspect import ipam_config
 
     config = ipam_config(store)
@@ -156,9 +156,9 @@ def _release(opts: argparse.Namespace) -> int:
 
 
 def _configure(opts: argparse.Namespace) -> int:
-    from cni_plugin.ctl_resources import IPAM_CONFIG_NAME, IPAMCONFIGURATION, IPAMConfiguration
-    from cni_plugin.ctl_store import ResourceClient, WriteMode
-    from ipam_plugin.model import IPAMConfig, ObjectMeta
+    from calicoctl.resources import IPAM_CONFIG_NAME, IPAMCONFIGURATION, IPAMConfiguration
+    from calicoctl.store import ResourceClient, WriteMode
+    from libcalico.model import IPAMConfig, ObjectMeta
 
     if opts.strictaffinity is None and opts.max_blocks_per_host is None:
         raise CommandError("give --strictaffinity=true|false and/or --max-blocks-per-host=N")

@@ -32,15 +32,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cni_plugin.types import ERR_INVALID_CONFIG, CNIError
-from ipam_plugin.datastore.base import (
+from libcalico.datastore.base import (
     AlreadyExists,
     Conflict,
     DatastoreError,
     DatastoreUnavailable,
+    InvalidDatastoreConfig,
     NotFound,
 )
-from ipam_plugin.datastore.http11 import (
+from libcalico.datastore.http11 import (
     BadResponse,
     KeptConnection,
     Response,
@@ -142,8 +142,7 @@ class KubeAccess:
         if env.get("K8S_INSECURE_SKIP_TLS_VERIFY", "").lower() == "true":
             access.insecure = True
         if not access.server:
-            raise CNIError(
-                ERR_INVALID_CONFIG,
+            raise InvalidDatastoreConfig(
                 "no Kubernetes API server configured (the Kubernetes datastore, policy.type "
                 "k8s and usePodCidr need one)",
                 "set kubernetes.kubeconfig in the CNI config (or KUBECONFIG), or "

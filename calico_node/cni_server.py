@@ -1,4 +1,5 @@
-"""`calico agent`: the node agent that keeps the heavy imports warm and serves CNI requests.
+"""The node's CNI fast-path server (`calico agent`): it keeps the heavy imports warm and
+serves the CNI executables' requests.
 
 A one-shot plugin spends ~100 ms importing the standard library and its own modules before
 doing anything (bench/README.md); the agent pays that once and serves each executable's
@@ -27,6 +28,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator, MutableMapping
@@ -34,8 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cni_plugin import agent_client, logs, roles, skel
-from cni_plugin.ctl_errors import CommandError
-from ipam_plugin.datastore.config import keep_clients_open
+from libcalico.datastore.config import keep_clients_open
 
 COMPONENT = "cni-agent"
 DEFAULT_SOCKET = agent_client.DEFAULT_SOCKET.decode()
@@ -46,19 +47,23 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 # Everything a request may import lazily, imported once at start instead.
 WARM_MODULES = (
     "cni_plugin.plugin",
-    "cni_plugin.dataplane",
-    "cni_plugin.dataplane_check",
+    "cni_plugin.dataplane.veth",
+    "cni_plugin.dataplane.check",
     "cni_plugin.k8s",
     "ipam_plugin.main",
     "ipam_plugin.engine",
     "ipam_plugin.range_mode",
-    "ipam_plugin.datastore.local",
-    "ipam_plugin.datastore.etcd",
-    "ipam_plugin.datastore.kubernetes",
+    "libcalico.datastore.local",
+    "libcalico.datastore.etcd",
+    "libcalico.datastore.kubernetes",
 )
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logging.getLogger(COMPONENT)
+
+
+class ServeError(Exception):
+    """The server cannot start; printed as one line, exit 1."""
 
 
 class BadRequest(Exception):
@@ -167,7 +172,7 @@ def _check_directory(directory: str) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.stat(directory)
     if st.st_uid != 0 or st.st_mode & 0o022:
-        raise CommandError(
+        raise ServeError(
             f"calico agent: {directory} must be owned by root and not group/world-writable"
         )
 
@@ -180,7 +185,7 @@ def _hold_instance_lock(path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CommandError(f"calico agent: another agent is serving {path}") from None
+        raise ServeError(f"calico agent: another agent is serving {path}") from None
     return fd
 
 
@@ -344,7 +349,10 @@ def _log_served(request: AgentRequest, code: int, started: float) -> None:
 # ------------------------------------------------------------------ `calico agent`
 
 
-def register(parser: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calico agent", description="Serve the CNI executables' requests on this node."
+    )
     parser.add_argument(
         "--socket",
         default=os.environ.get(agent_client.SOCKET_ENV.decode()) or DEFAULT_SOCKET,
@@ -358,12 +366,26 @@ def register(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="info", help="debug, info or error")
     parser.add_argument("--log-file", default="", help="also log to this rotating file")
-    parser.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        return run(opts)
+    except ServeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except OSError as err:  # the socket's directory or file cannot be made: one line
+        print(f"calico agent: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def run(opts: argparse.Namespace) -> int:
     if os.geteuid() != 0:
-        raise CommandError("calico agent: must run as root (it serves root-only CNI requests)")
+        raise ServeError("calico agent: must run as root (it serves root-only CNI requests)")
     logs.route_requests(COMPONENT, opts.log_level, opts.log_file)
     prepare_process()
     kept = keep_clients_open()

@@ -3,7 +3,7 @@ IPAMConfiguration and ClusterInformation, parsed from an operator's documents an
 checked field by field.
 
 Checks here need nothing but the document; the rules that compare against what is
-stored (overlap, immutable fields) live in `ctl_store`.
+stored (overlap, immutable fields) live in `store`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cni_plugin.ctl_errors import CommandError
-from ipam_plugin.model import (
+from calicoctl.errors import CommandError
+from libcalico.model import (
     API_VERSION,
     ClusterInformation,
     IPAMConfig,

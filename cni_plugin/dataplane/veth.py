@@ -3,8 +3,8 @@
 Follows calico-behaviour.md §2: host end `cali<hash>` with MAC ee:ee:ee:ee:ee:ee, the pod
 end created directly inside the pod netns (no move, cost-floor.md §4), pod routes via
 169.254.1.1 and fe80::ecee:eeff:feee:eeee, host sysctls, one scope-link host route per IP.
-Netlink goes through cni_plugin.rtnl (stdlib only; why not pyroute2 is measured there): one
-socket per netns per call, and the pod-side changes in one batched send().
+Netlink goes through `rtnl` beside it (stdlib only; why not pyroute2 is measured there):
+one socket per netns per call, and the pod-side changes in one batched send().
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cni_plugin import netns, rtnl
+from cni_plugin.dataplane import netns, rtnl
 from cni_plugin.types import (
     ERR_INTERNAL,
     ERR_INVALID_ENV,

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from ipam_plugin.datastore.base import Datastore, DatastoreUnavailable, KVPair
-from ipam_plugin.model import Key, ListOptions
+from libcalico.datastore.base import Datastore, DatastoreUnavailable, KVPair
+from libcalico.model import Key, ListOptions
 
 MAX_IDLE = 16
 

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ipam_plugin.datastore.base import (
+from libcalico.datastore.base import (
     AlreadyExists,
     Conflict,
     Datastore,
@@ -41,8 +41,8 @@ from ipam_plugin.datastore.base import (
     KVPair,
     NotFound,
 )
-from ipam_plugin.datastore.http11 import BadResponse, KeptConnection, authority, split_url
-from ipam_plugin.model import (
+from libcalico.datastore.http11 import BadResponse, KeptConnection, authority, split_url
+from libcalico.model import (
     Key,
     ListOptions,
     decode_value,

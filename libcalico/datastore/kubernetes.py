@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from ipam_plugin.datastore.base import (
+from libcalico.datastore.base import (
     Conflict,
     Datastore,
     DatastoreCorrupt,
@@ -37,8 +37,8 @@ from ipam_plugin.datastore.base import (
     KVPair,
     NotFound,
 )
-from ipam_plugin.datastore.k8s_client import KubeClient
-from ipam_plugin.model import (
+from libcalico.datastore.k8s_client import KubeClient
+from libcalico.model import (
     RESOURCE_PLURALS,
     RESOURCE_TYPES,
     AllocationBlock,

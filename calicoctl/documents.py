@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from cni_plugin.ctl_errors import CommandError
+from calicoctl.errors import CommandError
 
 
 def read_source(path: str) -> str:

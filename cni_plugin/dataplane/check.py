@@ -9,8 +9,8 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
-from cni_plugin import netns, rtnl
-from cni_plugin.dataplane import (
+from cni_plugin.dataplane import netns, rtnl
+from cni_plugin.dataplane.veth import (
     GATEWAY_V4,
     GATEWAYS,
     HOST_MAC,

@@ -592,7 +592,7 @@ class IPPool:
 
     def validate(self) -> None:
         """Refuse what Calico's validator refuses; raise ValidationError naming the field."""
-        from ipam_plugin.selector import SelectorError, parse_selector
+        from libcalico.selector import SelectorError, parse_selector
 
         spec = self.spec
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cni_plugin.ctl_errors import CommandError
-from ipam_plugin.datastore.base import Datastore
+from calicoctl.errors import CommandError
+from libcalico.datastore.base import Datastore
 
 # CalicoAPIConfig spec key -> netconf key
 _API_CONFIG_KEYS = {
@@ -31,7 +31,7 @@ def netconf_keys(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    from cni_plugin.ctl_documents import load_documents
+    from calicoctl.documents import load_documents
 
     docs = load_documents(path)
     if len(docs) != 1:
@@ -41,7 +41,7 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def open_datastore(config_path: str | None) -> Datastore:
     """Open the configured datastore; CNIError/DatastoreError propagate to the CLI."""
-    from ipam_plugin.datastore.config import DatastoreSettings
+    from libcalico.datastore.config import DatastoreSettings
 
     conf = load_config_file(config_path) if config_path else {}
     return DatastoreSettings.resolve(conf).open()

@@ -8,21 +8,14 @@ nothing configured here means the embedded `local` SQLite datastore.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cni_plugin.types import ERR_INTERNAL, ERR_INVALID_CONFIG, ERR_TRY_AGAIN_LATER, CNIError
-from ipam_plugin.datastore.base import (
-    Datastore,
-    DatastoreCorrupt,
-    DatastoreError,
-    DatastoreUnavailable,
-)
+from libcalico.datastore.base import Datastore, InvalidDatastoreConfig
 
 if TYPE_CHECKING:
-    from ipam_plugin.datastore.kept import KeptClients
+    from libcalico.datastore.kept import KeptClients
 
 DEFAULT_LOCAL_PATH = "/var/lib/calico/calico.db"
 DEFAULT_ETCD = "http://127.0.0.1:2379"  # libcalico-go's default when no endpoint is set
@@ -62,8 +55,8 @@ class DatastoreSettings:
         if not kind:
             kind = "etcdv3" if endpoints else "local"
         if kind not in _TYPES:
-            raise CNIError(
-                ERR_INVALID_CONFIG, f'unknown datastore_type "{kind}"', f"use one of {list(_TYPES)}"
+            raise InvalidDatastoreConfig(
+                f'unknown datastore_type "{kind}"', f"use one of {list(_TYPES)}"
             )
         return cls(
             type=kind,
@@ -99,7 +92,7 @@ class DatastoreSettings:
     def _connect(self) -> Datastore:
         if self.type == "local":
             # Imported here so that range mode and the other verbs never load sqlite3.
-            from ipam_plugin.datastore.local import LocalDatastore
+            from libcalico.datastore.local import LocalDatastore
 
             return LocalDatastore(self.local_path)
         if self.type == "etcdv3":
@@ -108,7 +101,7 @@ class DatastoreSettings:
 
     def _open_etcd(self) -> Datastore:
         """Connects lazily: the first request reaches the first endpoint that answers."""
-        from ipam_plugin.datastore.etcd import Endpoint, EtcdDatastore, TLSFiles
+        from libcalico.datastore.etcd import Endpoint, EtcdDatastore, TLSFiles
 
         urls = [url for url in self.etcd_endpoints.split(",") if url.strip()]
         endpoints = [Endpoint.parse(url, self.etcd_scheme) for url in urls or [DEFAULT_ETCD]]
@@ -117,8 +110,8 @@ class DatastoreSettings:
 
     def _open_kubernetes(self) -> Datastore:
         """Connects lazily; credentials from the kubeconfig and overrides (k8s_client.py)."""
-        from ipam_plugin.datastore.k8s_client import open_client
-        from ipam_plugin.datastore.kubernetes import KubernetesDatastore
+        from libcalico.datastore.k8s_client import open_client
+        from libcalico.datastore.kubernetes import KubernetesDatastore
 
         return KubernetesDatastore(open_client(self.kube_conf, self.environ))
 
@@ -126,25 +119,8 @@ class DatastoreSettings:
 def keep_clients_open() -> KeptClients:
     """From now on this process keeps datastore clients between opens (the node agent)."""
     global _kept
-    from ipam_plugin.datastore.kept import KeptClients
+    from libcalico.datastore.kept import KeptClients
 
     if _kept is None:
         _kept = KeptClients()
     return _kept
-
-
-@contextmanager
-def translate_errors() -> Iterator[None]:
-    """Datastore failures as CNI errors: unreachable is transient (11), corrupt is not."""
-    try:
-        yield
-    except DatastoreCorrupt as err:
-        raise CNIError(
-            ERR_INTERNAL,
-            f"datastore is corrupt: {err}",
-            "move the file aside (a new one is created empty) or restore a backup",
-        ) from err
-    except DatastoreUnavailable as err:
-        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore unavailable: {err}") from err
-    except DatastoreError as err:
-        raise CNIError(ERR_TRY_AGAIN_LATER, f"datastore error: {err}") from err

@@ -1,0 +1,1 @@
+"""The operator's CLI over the shared library: commands, resource documents, tables."""
