@@ -91,8 +91,16 @@ RESOURCE_PLURALS = {
     "ClusterInformation": "clusterinformations",
     "WorkloadEndpoint": "workloadendpoints",
     "Profile": "profiles",
+    "BGPPeer": "bgppeers",
+    "BGPConfiguration": "bgpconfigurations",
+    "FelixConfiguration": "felixconfigurations",
+    "KubeControllersConfiguration": "kubecontrollersconfigurations",
+    "NetworkPolicy": "networkpolicies",
+    "GlobalNetworkPolicy": "globalnetworkpolicies",
+    "NetworkSet": "networksets",
+    "GlobalNetworkSet": "globalnetworksets",
 }
-NAMESPACED_KINDS = frozenset({"WorkloadEndpoint"})
+NAMESPACED_KINDS = frozenset({"WorkloadEndpoint", "NetworkPolicy", "NetworkSet"})
 _KIND_BY_PLURAL = {plural: kind for kind, plural in RESOURCE_PLURALS.items()}
 
 
@@ -713,10 +721,75 @@ class Profile(SpecResource):
     kind = "Profile"
 
 
+class BGPPeer(SpecResource):
+    """A BGP peering: `peerIP` + `asNumber`, or `peerSelector`; for all nodes or those of
+    `node` / `nodeSelector`."""
+
+    kind = "BGPPeer"
+
+
+class BGPConfiguration(SpecResource):
+    """BGP settings, cluster-wide (`default`) or per node (`node.<name>`): the mesh, the
+    AS number, log severity, listen port, ..."""
+
+    kind = "BGPConfiguration"
+
+
+class FelixConfiguration(SpecResource):
+    """Dataplane settings, cluster-wide (`default`) or per node (`node.<name>`)."""
+
+    kind = "FelixConfiguration"
+
+
+class KubeControllersConfiguration(SpecResource):
+    """Settings of the controllers (IPAM garbage collection among them)."""
+
+    kind = "KubeControllersConfiguration"
+
+
+class NetworkPolicy(SpecResource):
+    """Namespaced policy; stored and validated (enforcement is not implemented)."""
+
+    kind = "NetworkPolicy"
+
+
+class GlobalNetworkPolicy(SpecResource):
+    """Cluster-wide policy; stored and validated (enforcement is not implemented)."""
+
+    kind = "GlobalNetworkPolicy"
+
+
+class NetworkSet(SpecResource):
+    """Namespaced set of networks that policy selectors can match."""
+
+    kind = "NetworkSet"
+
+
+class GlobalNetworkSet(SpecResource):
+    """Cluster-wide set of networks that policy selectors can match."""
+
+    kind = "GlobalNetworkSet"
+
+
 Resource = IPPool | IPReservation | SpecResource
 RESOURCE_TYPES: dict[str, type[Resource]] = {
     cls.kind: cls
-    for cls in (IPPool, IPReservation, Node, ClusterInformation, WorkloadEndpoint, Profile)
+    for cls in (
+        IPPool,
+        IPReservation,
+        Node,
+        ClusterInformation,
+        WorkloadEndpoint,
+        Profile,
+        BGPPeer,
+        BGPConfiguration,
+        FelixConfiguration,
+        KubeControllersConfiguration,
+        NetworkPolicy,
+        GlobalNetworkPolicy,
+        NetworkSet,
+        GlobalNetworkSet,
+    )
 }
 Value = AllocationBlock | BlockAffinity | IPAMHandle | IPAMConfig | Resource
 

@@ -242,7 +242,8 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 class ResourceCodec(Codec):
-    """IPPool, IPReservation, ClusterInformation: the v3 document with the CRD's apiVersion."""
+    """Cluster-scoped v3 resources (IPPool, BGPPeer, ...): the v3 document with the CRD's
+    apiVersion."""
 
     def name(self, key: ResourceKey) -> str:
         return key.name
@@ -285,7 +286,17 @@ _IPAM_CONFIG = IPAMConfigCodec("IPAMConfig", "ipamconfigs")
 _RESOURCES: dict[str, Codec] = {
     **{
         kind: ResourceCodec(kind, RESOURCE_PLURALS[kind])
-        for kind in ("IPPool", "IPReservation", "ClusterInformation")
+        for kind in (
+            "IPPool",
+            "IPReservation",
+            "ClusterInformation",
+            "BGPPeer",
+            "BGPConfiguration",
+            "FelixConfiguration",
+            "KubeControllersConfiguration",
+            "GlobalNetworkPolicy",
+            "GlobalNetworkSet",
+        )
     },
     "Node": NodeCodec("Node", RESOURCE_PLURALS["Node"], root="/api/v1"),
 }
