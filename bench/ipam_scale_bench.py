@@ -147,6 +147,17 @@ class Calls:
     first_add_ms: float = 0.0
     first_add_rpcs: float | None = None
 
+    def record(self, command: str, done: Call) -> None:
+        if command == "ADD":
+            self.add_ms.append(done.wall_ms)
+            if done.rpcs is not None and done.etcd_cpu_ms is not None:
+                self.add_rpcs.append(done.rpcs)
+                self.etcd_cpu_ms.append(done.etcd_cpu_ms)
+        else:
+            self.del_ms.append(done.wall_ms)
+            if done.rpcs is not None:
+                self.del_rpcs.append(done.rpcs)
+
 
 def etcd_rpcs(cluster: EtcdCluster) -> float:
     """Requests etcd has answered, summed over its gRPC methods (Range, Txn, ...)."""
@@ -216,45 +227,50 @@ def fill(keys: dict[str, Any], wanted: dict[str, int], tag: str) -> float:
 # ------------------------------------------------------------------ measuring
 
 
+@dataclass
+class Call:
+    """One plugin process and what etcd did for it (None on the local datastore)."""
+
+    wall_ms: float
+    rpcs: float | None
+    etcd_cpu_ms: float | None
+
+
+def call(bed: Bed, column: Column, command: str, container_id: str, node: str) -> Call:
+    """Run one ADD or DEL; etcd's counters are read around it, outside the timing."""
+    etcd = bed.etcd if column.datastore == "etcd" else None
+    pid = etcd.members[0].process.pid if etcd else 0  # type: ignore[union-attr]
+    rpcs = etcd_rpcs(etcd) if etcd else 0.0
+    cpu = process_cpu_ms(pid) if etcd else 0.0
+    done = run_plugin(
+        bed.binary(column), bed.env(column, command, container_id), bed.netconf(column, node)
+    )
+    if etcd:
+        cpu = process_cpu_ms(pid) - cpu  # before the scrape below, which costs etcd too
+        rpcs = etcd_rpcs(etcd) - rpcs
+    if done.code != 0 or (command == "ADD" and not (done.json() or {}).get("ips")):
+        raise BenchFailure(f"({column.key}) {command} {container_id}: {done.describe()}")
+    return Call(done.wall_ms, rpcs if etcd else None, cpu if etcd else None)
+
+
 def measure_level(
     bed: Bed, columns: list[Column], node_of: Any, n: int, warmup: int
 ) -> dict[str, Calls]:
     """ADD then DEL, `warmup` + n calls per column, one column at a time in rotation."""
     calls = {c.key: Calls() for c in columns}
-    total = warmup + n
     tag = uuid.uuid4().hex[:8]
-    cids = {c.key: [f"scale-{c.key}-{tag}-{i}" for i in range(total)] for c in columns}
-    etcd_pid = bed.etcd.members[0].process.pid if bed.etcd else None  # type: ignore[union-attr]
     for command in ("ADD", "DEL"):
-        for i in range(total):
+        for i in range(warmup + n):
             shift = i % len(columns)
             for column in columns[shift:] + columns[:shift]:
                 rec = calls[column.key]
-                on_etcd = column.datastore == "etcd"
-                assert bed.etcd is not None or not on_etcd
-                before = etcd_rpcs(bed.etcd) if on_etcd else 0.0  # type: ignore[arg-type]
-                cpu = process_cpu_ms(etcd_pid) if on_etcd and etcd_pid else 0.0
-                done = run_plugin(
-                    bed.binary(column),
-                    bed.env(column, command, cids[column.key][i]),
-                    bed.netconf(column, node_of(column, i)),
+                done = call(
+                    bed, column, command, f"scale-{column.key}-{tag}-{i}", node_of(column, i)
                 )
-                if done.code != 0 or (command == "ADD" and not (done.json() or {}).get("ips")):
-                    raise BenchFailure(f"({column.key}) {command} {i}: {done.describe()}")
-                rpcs = etcd_rpcs(bed.etcd) - before if on_etcd else None  # type: ignore[arg-type]
                 if command == "ADD" and i == 0:
-                    rec.first_add_ms, rec.first_add_rpcs = done.wall_ms, rpcs
-                if i < warmup:
-                    continue
-                if command == "ADD":
-                    rec.add_ms.append(done.wall_ms)
-                    if rpcs is not None:
-                        rec.add_rpcs.append(rpcs)
-                        rec.etcd_cpu_ms.append(process_cpu_ms(etcd_pid) - cpu)  # type: ignore[arg-type]
-                else:
-                    rec.del_ms.append(done.wall_ms)
-                    if rpcs is not None:
-                        rec.del_rpcs.append(rpcs)
+                    rec.first_add_ms, rec.first_add_rpcs = done.wall_ms, done.rpcs
+                if i >= warmup:
+                    rec.record(command, done)
     return calls
 
 
@@ -262,14 +278,13 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def level_rows(label: str, calls: dict[str, Calls]) -> list[Row]:
+def level_rows(label: str, calls: dict[str, Calls], first: bool = True) -> list[Row]:
     def row(metric: str, unit: str, pick: Any) -> Row:
         values = {key: pick(rec) for key, rec in calls.items()}
-        return Row(
-            f"{label}: {metric}", unit, {k: round(v, 1) for k, v in values.items() if v is not None}
-        )
+        kept = {key: round(value, 1) for key, value in values.items() if value is not None}
+        return Row(f"{label}: {metric}", unit, kept)
 
-    return [
+    rows = [
         row("ADD p50", "ms", lambda r: percentile(r.add_ms, 50)),
         row("ADD p90", "ms", lambda r: percentile(r.add_ms, 90)),
         row("DEL p50", "ms", lambda r: percentile(r.del_ms, 50)),
@@ -278,9 +293,13 @@ def level_rows(label: str, calls: dict[str, Calls]) -> list[Row]:
         row("etcd RPCs per ADD (max)", "n", lambda r: max(r.add_rpcs) if r.add_rpcs else None),
         row("etcd RPCs per DEL (mean)", "n", lambda r: mean(r.del_rpcs)),
         row("etcd CPU per ADD", "ms", lambda r: mean(r.etcd_cpu_ms)),
-        row("first ADD after the fill", "ms", lambda r: r.first_add_ms),
-        row("first ADD after the fill: etcd RPCs", "n", lambda r: r.first_add_rpcs),
     ]
+    if first:
+        rows += [
+            row("first ADD after the fill", "ms", lambda r: r.first_add_ms),
+            row("first ADD after the fill: etcd RPCs", "n", lambda r: r.first_add_rpcs),
+        ]
+    return rows
 
 
 # ------------------------------------------------------------------ scenarios
@@ -303,6 +322,37 @@ def node_fill(
         print(f"node fill {level:,}: measuring", file=sys.stderr, flush=True)
         results[level] = measure_level(bed, columns, lambda c, i: nodes[c.key], n, warmup)
     return results
+
+
+def free_addresses(keys: dict[str, Any], node: str) -> int:
+    """Free addresses in the node's affine blocks."""
+    from libcalico.model import BlockAffinityListOptions, BlockKey
+
+    with open_datastore(keys) as store:
+        cidrs = [kvp.key.cidr for kvp in store.list(BlockAffinityListOptions(node, 4))]
+        blocks = store.read_many([BlockKey(cidr) for cidr in cidrs])
+    return sum(len(kvp.value.unallocated) for kvp in blocks if kvp is not None)
+
+
+def claims_on_a_full_node(bed: Bed, columns: list[Column], n: int) -> dict[str, Calls]:
+    """Each column's node (as the node fill left it) has every block full, so each ADD
+    claims the next block: before each round, untimed, the fill tops the nodes up again."""
+    nodes = {c.key: f"scale-node-{c.key}" for c in columns}
+    calls = {c.key: Calls() for c in columns}
+    tag = uuid.uuid4().hex[:8]
+    for command in ("ADD", "DEL"):
+        for i in range(n):
+            if command == "ADD":
+                for datastore, keys in bed.datastores(columns).items():
+                    mine = [nodes[c.key] for c in columns if c.datastore == datastore]
+                    fill(keys, {node: free_addresses(keys, node) for node in mine}, f"full{i}")
+            shift = i % len(columns)
+            for column in columns[shift:] + columns[:shift]:
+                cid = f"scale-claim-{column.key}-{tag}-{i}"
+                calls[column.key].record(
+                    command, call(bed, column, command, cid, nodes[column.key])
+                )
+    return calls
 
 
 def pool_fill(
@@ -390,12 +440,15 @@ def start_scenario(bed: Bed, columns: list[Column], scenario: str) -> None:
 def build_report(
     columns: list[Column],
     node_results: dict[int, dict[str, Calls]],
+    claims: dict[str, Calls],
     pool_results: dict[int, dict[str, Calls]],
     settings: dict[str, Any],
 ) -> Report:
     report = Report("IPAM at scale", {c.key: c.title for c in columns}, settings)
     for level, calls in node_results.items():
         report.rows += level_rows(f"node holds {level:,}", calls)
+    last = max(node_results)
+    report.rows += level_rows(f"node holds {last:,}+, all full: ADD claims", claims, first=False)
     for level, calls in pool_results.items():
         report.rows += level_rows(f"{level:,} other blocks, new node", calls)
     report.notes += targets(columns, node_results, pool_results)
@@ -436,6 +489,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=20, help="timed ADDs and DELs per column and level")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first, per level")
+    parser.add_argument("--claims-n", type=int, default=10, help="ADDs claiming on a full node")
     parser.add_argument("--node-fills", default="0,1000,5000,20000", help="addresses per node")
     parser.add_argument("--pool-fills", default="1000,5000", help="blocks owned by other nodes")
     parser.add_argument("--columns", default=",".join(c.key for c in COLUMNS))
@@ -458,6 +512,7 @@ def main(argv: list[str]) -> int:
     settings = {
         "n": opts.n,
         "warmup": opts.warmup,
+        "claims_n": opts.claims_n,
         "node_fills": levels(opts.node_fills),
         "pool_fills": levels(opts.pool_fills),
         "pool": POOL_CIDR,
@@ -472,9 +527,11 @@ def main(argv: list[str]) -> int:
             bed = stack.enter_context(testbed(columns, opts.bin_dir, tmp))
             start_scenario(bed, columns, "node")
             node_results = node_fill(bed, columns, settings["node_fills"], opts.n, opts.warmup)
+            print("node full: measuring claims", file=sys.stderr, flush=True)
+            claims = claims_on_a_full_node(bed, columns, opts.claims_n)
             start_scenario(bed, columns, "pool")
             pool_results = pool_fill(bed, columns, settings["pool_fills"], opts.n, opts.warmup)
-        return build_report(columns, node_results, pool_results, settings)
+        return build_report(columns, node_results, claims, pool_results, settings)
 
     return publish("ipam_scale_bench", "ipam-scale", run)
 
