@@ -1,0 +1,125 @@
+"""calico-ipam's node hints (`<ipam_lock_file>.hints`): private, shared by every call on the
+node, and never trusted: a damaged, planted or lying file costs reads, not addresses."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import ALL_VERSIONS, CNIResult, bin_dir, calico_conf, result_ips, run_plugin
+from tests.ipam_support import LocalStore
+
+NODE = "hints-node"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    store = LocalStore(str(tmp_path / "calico.db"))
+    store.add_pool("hints", "10.63.0.0/26", blockSize=29)  # 8 blocks of 8
+    return store
+
+
+def conf_for(store: LocalStore, tmp_path: Path, version: str = "1.0.0") -> dict[str, Any]:
+    return calico_conf(
+        version,
+        {"type": "calico-ipam"},
+        nodename=NODE,
+        local_datastore_path=store.path,
+        ipam_lock_file=str(tmp_path / "ipam.lock"),
+    )
+
+
+def ipam(command: str, conf: dict[str, Any], container_id: str) -> CNIResult:
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": "/var/run/netns/unused",
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(bin_dir()),
+    }
+    return run_plugin([str(bin_dir() / "calico-ipam")], env, conf)
+
+
+def add(conf: dict[str, Any]) -> str:
+    result = ipam("ADD", conf, f"ctr-{uuid.uuid4().hex[:8]}")
+    assert result.code == 0, result
+    assert "Traceback" not in result.stderr
+    [address] = result_ips(result.json, conf["cniVersion"])
+    return address.split("/")[0]
+
+
+def hints_file(tmp_path: Path) -> Path:
+    return tmp_path / "ipam.lock.hints"
+
+
+@pytest.mark.parametrize("version", ALL_VERSIONS)
+def test_add_and_del_keep_the_nodes_hints_beside_its_lock(
+    store: LocalStore, tmp_path: Path, version: str
+) -> None:
+    conf = conf_for(store, tmp_path, version)
+    result = ipam("ADD", conf, "ctr-1")
+    assert result.code == 0, result
+    [address] = result_ips(result.json, version)
+    block = str(ipaddress.ip_interface(address).network)
+    path = hints_file(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    stored = json.loads(path.read_text())
+    assert stored["scope"] == f"local {store.path}"
+    assert stored["hosts"][NODE]["4"]["blocks"][block][1] == 7  # free after the ADD
+    assert ipam("DEL", conf, "ctr-1").code == 0
+    stored = json.loads(path.read_text())
+    assert stored["hosts"][NODE]["4"]["blocks"][block][1] == 8
+    assert store.handles() == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not json", b"\xff\xfe", b"[]", b'{"scope": 1, "hosts": []}', b'{"hosts": {"x": 5}}'],
+    ids=["empty", "text", "binary", "list", "wrong-types", "no-scope"],
+)
+def test_a_damaged_hints_file_is_replaced(
+    store: LocalStore, tmp_path: Path, content: bytes
+) -> None:
+    conf = conf_for(store, tmp_path)
+    hints_file(tmp_path).write_bytes(content)
+    first, second = add(conf), add(conf)
+    assert first != second
+    assert json.loads(hints_file(tmp_path).read_text())["hosts"][NODE]
+    assert store.consistency().ok
+
+
+def test_a_planted_link_is_neither_read_nor_written_through(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    hints_file(tmp_path).symlink_to(target)
+    add(conf_for(store, tmp_path))
+    assert target.read_text() == "precious"
+    assert not hints_file(tmp_path).is_symlink()
+    assert hints_file(tmp_path).stat().st_mode & 0o777 == 0o600
+
+
+def test_lying_hints_never_hand_out_a_taken_address(store: LocalStore, tmp_path: Path) -> None:
+    conf = conf_for(store, tmp_path)
+    taken = {add(conf) for _ in range(12)}  # two blocks: one full, one with 4 free
+    scope = f"local {store.path}"
+    blocks = {str(ipaddress.ip_interface(f"{ip}/29").network) for ip in taken}
+    lies = {cidr: ["1", 8] for cidr in [*blocks, "10.63.0.56/29"]}  # all "empty"
+    doc = {
+        "scope": scope,
+        "hosts": {NODE: {"4": {"selection": "", "reserved": "", "blocks": lies}}},
+    }
+    hints_file(tmp_path).write_text(json.dumps(doc))
+    more = [add(conf) for _ in range(6)]
+    assert not taken & set(more)
+    assert len(set(more)) == 6
+    assert store.consistency().ok
+    assert os.path.exists(hints_file(tmp_path))
