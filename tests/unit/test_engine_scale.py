@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ipam_plugin.engine import IPAM, AutoAssignRequest, BlockHints, HostHints
-from ipam_plugin.inspect import check_consistency
+from ipam_plugin.inspect import assignment, check_consistency
 from libcalico.datastore.base import Answer, Datastore, KVPair, Read
 from libcalico.datastore.local import LocalDatastore
 from libcalico.model import (
@@ -316,3 +316,14 @@ def test_hints_keep_a_bounded_number_of_hosts() -> None:
         hints.note(f"n{i}", ipaddress.ip_network("10.0.0.0/26"), "1", 1)
     assert len(hints.to_json()["hosts"]) == BlockHints.MAX_HOSTS
     assert f"n{BlockHints.MAX_HOSTS + 4}" in hints.to_json()["hosts"]
+
+
+def test_the_owner_of_an_address_is_read_from_its_block_alone(
+    local: LocalDatastore, counting: CountingStore
+) -> None:
+    ips = fill_node(local, NODE, 30)
+    assert assignment(counting, ips[100]).handle_id == f"fill.{NODE}"
+    assert counting.blocks_read == 1 and counting.block_lists == 0
+    assert assignment(counting, "10.20.15.250") is None  # in the pool, in no block
+    local.delete(local.get(ResourceKey("IPPool", "pool")))  # a block outside every pool
+    assert assignment(local, ips[100]).handle_id == f"fill.{NODE}"
