@@ -320,8 +320,8 @@ def _affinity_order(cidr: IPNetwork) -> str:
 
 def _hinted_with_room(hints: HostHints) -> list[IPNetwork]:
     """Blocks last seen with a free address, in affinity order."""
-    cidrs = [c for c, (_, free) in hints.blocks.items() if free > 0]
-    return [ipaddress.ip_network(c) for c in sorted(cidrs, key=lambda c: c.replace("/", "-"))]
+    cidrs = [ipaddress.ip_network(c) for c, (_, free) in hints.blocks.items() if free > 0]
+    return sorted(cidrs, key=_affinity_order)
 
 
 def _reservations_mark(reserved: Reservations) -> str:
@@ -669,11 +669,7 @@ class IPAM:
         return self._first_with_room(state, listed, changed)
 
     def _hinted_block_with_room(self, state: _ClaimState) -> KVPair | None:
-        while True:
-            hinted = state.untried(_hinted_with_room(state.hints))
-            if not hinted:
-                return None
-            cidr = hinted[0]
+        for cidr in state.untried(_hinted_with_room(state.hints)):
             state.tried.add(cidr)
             affinity, block = state.prefetched.pop(cidr, None) or self._read_pair(state.host, cidr)
             if affinity is None:
@@ -682,6 +678,7 @@ class IPAM:
             kvp = self._usable_block(state, affinity, block)
             if kvp is not None:
                 return kvp
+        return None
 
     def _first_with_room(
         self, state: _ClaimState, listed: dict[IPNetwork, KVPair], cidrs: list[IPNetwork]
