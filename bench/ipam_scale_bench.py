@@ -8,8 +8,8 @@ Two ways a datastore grows, each at several levels:
 Columns, all on one etcd and one local SQLite file: real calico-ipam (etcd only), ours
 exec'd standalone, ours handed to `calico agent`. Every call is a whole process, timed
 from spawn to reap, one call of each column in turn with the order rotating; etcd's own
-count of gRPC requests (our JSON gateway's included: etcd re-issues them as gRPC) is read
-before and after each call, outside the timing.
+count of KV requests (Range, Txn; our JSON gateway's included: etcd re-issues each as one
+gRPC request) is read before and after each call, outside the timing.
 
 The fill is written by our engine in-process (bulk requests: one allocation attribute per
 block); real Calico reads and allocates into it. Each level's first ADD and DEL per column
@@ -22,10 +22,8 @@ Run as root after `make build`: .venv/bin/python bench/ipam_scale_bench.py
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ from cni_bench import (
 
 # cni_bench has put the repository on sys.path.
 from tests.agent_fixture import AgentProcess
+from tests.etcd.cni_support import kv_requests
 from tests.etcd_fixture import ETCD_BINARY, EtcdCluster, start_etcd
 from tests.harness import bin_dir
 
@@ -64,7 +63,6 @@ BLOCKS_PER_OTHER_NODE = 20
 BLOCK_ADDRESSES = 64
 # IPAM plugins get the pod's netns path but never enter it; this one need not exist.
 UNUSED_NETNS = "/var/run/netns/ipam-scale-bench-unused"
-_GRPC_HANDLED = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$')
 
 
 @dataclass(frozen=True)
@@ -159,23 +157,6 @@ class Calls:
                 self.del_rpcs.append(done.rpcs)
 
 
-def etcd_rpcs(cluster: EtcdCluster) -> float:
-    """Requests etcd has answered, summed over its gRPC methods (Range, Txn, ...)."""
-    member = cluster.members[0]
-    conn = http.client.HTTPConnection("127.0.0.1", member.client_port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    total = 0.0
-    for line in text.splitlines():
-        match = _GRPC_HANDLED.match(line)
-        if match:
-            total += float(match.group(2))
-    return total
-
-
 def process_cpu_ms(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
@@ -238,19 +219,18 @@ class Call:
 
 def call(bed: Bed, column: Column, command: str, container_id: str, node: str) -> Call:
     """Run one ADD or DEL; etcd's counters are read around it, outside the timing."""
-    etcd = bed.etcd if column.datastore == "etcd" else None
-    pid = etcd.members[0].process.pid if etcd else 0  # type: ignore[union-attr]
-    rpcs = etcd_rpcs(etcd) if etcd else 0.0
-    cpu = process_cpu_ms(pid) if etcd else 0.0
+    member = bed.etcd.members[0] if bed.etcd and column.datastore == "etcd" else None
+    pid = member.process.pid if member and member.process else 0
+    rpcs, cpu = (kv_requests(member), process_cpu_ms(pid)) if member else (0, 0.0)
     done = run_plugin(
         bed.binary(column), bed.env(column, command, container_id), bed.netconf(column, node)
     )
-    if etcd:
+    if member:
         cpu = process_cpu_ms(pid) - cpu  # before the scrape below, which costs etcd too
-        rpcs = etcd_rpcs(etcd) - rpcs
+        rpcs = kv_requests(member) - rpcs
     if done.code != 0 or (command == "ADD" and not (done.json() or {}).get("ips")):
         raise BenchFailure(f"({column.key}) {command} {container_id}: {done.describe()}")
-    return Call(done.wall_ms, rpcs if etcd else None, cpu if etcd else None)
+    return Call(done.wall_ms, rpcs if member else None, cpu if member else None)
 
 
 def measure_level(

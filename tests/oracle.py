@@ -7,7 +7,6 @@ there: a missing one fails the test instead of skipping it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -17,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import CNIResult, run_plugin
+from tests.harness import CNIResult
+from tests.ipam_support import run_ipam
 
 REPO = Path(__file__).resolve().parent.parent
 ORACLE_DIR = Path(
@@ -33,16 +33,9 @@ class RealCalico:
     bin_dir: Path
 
     def ipam(self, command: str, conf: dict[str, Any], container_id: str) -> CNIResult:
-        env = {
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": container_id,
-            "CNI_NETNS": "/var/run/netns/unused",
-            "CNI_IFNAME": "eth0",
-            "CNI_ARGS": "",
-            "CNI_PATH": str(self.bin_dir),
-        }
-        real_conf = {**conf, "nodename_file_optional": True}
-        return run_plugin([str(self.bin_dir / "calico-ipam")], env, json.dumps(real_conf))
+        return run_ipam(
+            command, {**conf, "nodename_file_optional": True}, container_id, self.bin_dir
+        )
 
     def calicoctl(self, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

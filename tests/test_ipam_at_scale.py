@@ -34,8 +34,8 @@ from libcalico.model import (
     ResourceKey,
 )
 from tests.etcd.conftest import clean_etcd, shared_etcd
-from tests.harness import bin_dir, calico_conf, run_plugin, unique
-from tests.ipam_support import results_of_processes
+from tests.harness import calico_conf, unique
+from tests.ipam_support import results_of_processes, run_ipam
 from tests.k8s.k8s_support import cluster, needs_apiserver, wipe_calico
 
 __all__ = ["clean_etcd", "cluster", "shared_etcd"]
@@ -136,14 +136,7 @@ def ipam_exec(command: str, keys: dict[str, Any], node: str, lock_dir: Path, cid
         ipam_lock_file=str(lock_dir / f"{node}.lock"),
         **keys,
     )
-    env = {
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": cid,
-        "CNI_NETNS": "/var/run/netns/unused",
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": str(bin_dir()),
-    }
-    return run_plugin([str(bin_dir() / "calico-ipam")], env, conf)
+    return run_ipam(command, conf, cid)
 
 
 def exec_worker(keys: dict[str, Any], node: str, lock_dir: Path, count: int) -> dict[str, str]:

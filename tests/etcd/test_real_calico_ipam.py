@@ -11,14 +11,14 @@ from __future__ import annotations
 import ipaddress
 import uuid
 from pathlib import Path
-from typing import Any
 
 from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.inspect import block_usage, check_consistency
 from libcalico.datastore.base import KVPair
 from libcalico.model import BlockAffinityListOptions, IPAMConfig, IPAMConfigKey, IPPool, ResourceKey
 from tests.etcd_fixture import EtcdCluster
-from tests.harness import bin_dir, calico_conf, run_plugin
+from tests.harness import calico_conf
+from tests.ipam_support import run_ipam
 from tests.oracle import RealCalico, real_calico
 
 __all__ = ["real_calico"]
@@ -27,17 +27,6 @@ NODE = "shared-node"
 POOL = "10.62.0.0/24"  # 16 blocks of 16
 BLOCK = 16
 FULL_BLOCKS = 6
-
-
-def ours(command: str, conf: dict[str, Any], container_id: str):
-    env = {
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": "/var/run/netns/unused",
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": str(bin_dir()),
-    }
-    return run_plugin([str(bin_dir() / "calico-ipam")], env, conf)
 
 
 def address(result) -> str:
@@ -88,7 +77,7 @@ def test_real_calico_and_ours_share_a_full_node(
     tag = uuid.uuid4().hex[:6]
 
     # Every block full: ours claims the seventh; the fill then tops it up behind its hints.
-    first = address(ours("ADD", conf, f"ours-1-{tag}"))
+    first = address(run_ipam("ADD", conf, f"ours-1-{tag}"))
     seventh = block_of(first)
     assert seventh not in {block_of(ip) for ip in fill}
     fill += fill_one_by_one(clean_etcd, BLOCK - 1, "topup")
@@ -98,14 +87,14 @@ def test_real_calico_and_ours_share_a_full_node(
     freed = fill[37]
     released = real_calico.ipam("DEL", conf, "fill-37")
     assert released.code == 0, released
-    assert address(ours("ADD", conf, f"ours-2-{tag}")) == freed
+    assert address(run_ipam("ADD", conf, f"ours-2-{tag}")) == freed
     assert len(affine_blocks(clean_etcd)) == FULL_BLOCKS + 1
 
     # Real Calico claims the next block for the node; ours uses it rather than claim another.
     real_first = address(real_calico.ipam("ADD", conf, f"real-1-{tag}"))
     eighth = block_of(real_first)
     assert eighth not in {seventh, *(block_of(ip) for ip in fill)}
-    ours_third = address(ours("ADD", conf, f"ours-3-{tag}"))
+    ours_third = address(run_ipam("ADD", conf, f"ours-3-{tag}"))
     assert block_of(ours_third) == eighth
     real_second = address(real_calico.ipam("ADD", conf, f"real-2-{tag}"))
     assert block_of(real_second) == eighth
@@ -125,7 +114,7 @@ def test_real_calico_and_ours_share_a_full_node(
     for cid in (f"ours-1-{tag}", f"ours-2-{tag}", f"ours-3-{tag}"):
         assert real_calico.ipam("DEL", conf, cid).code == 0
     for cid in (f"real-1-{tag}", f"real-2-{tag}"):
-        assert ours("DEL", conf, cid).code == 0
+        assert run_ipam("DEL", conf, cid).code == 0
     with clean_etcd.open_store() as store:
         report = check_consistency(store)
         assert report.ok, report

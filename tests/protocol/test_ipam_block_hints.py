@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import ALL_VERSIONS, CNIResult, bin_dir, calico_conf, result_ips, run_plugin
-from tests.ipam_support import LocalStore
+from tests.harness import ALL_VERSIONS, calico_conf, result_ips
+from tests.ipam_support import LocalStore, run_ipam
 
 NODE = "hints-node"
 
@@ -35,19 +35,8 @@ def conf_for(store: LocalStore, tmp_path: Path, version: str = "1.0.0") -> dict[
     )
 
 
-def ipam(command: str, conf: dict[str, Any], container_id: str) -> CNIResult:
-    env = {
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": "/var/run/netns/unused",
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": str(bin_dir()),
-    }
-    return run_plugin([str(bin_dir() / "calico-ipam")], env, conf)
-
-
 def add(conf: dict[str, Any]) -> str:
-    result = ipam("ADD", conf, f"ctr-{uuid.uuid4().hex[:8]}")
+    result = run_ipam("ADD", conf, f"ctr-{uuid.uuid4().hex[:8]}")
     assert result.code == 0, result
     assert "Traceback" not in result.stderr
     [address] = result_ips(result.json, conf["cniVersion"])
@@ -63,7 +52,7 @@ def test_add_and_del_keep_the_nodes_hints_beside_its_lock(
     store: LocalStore, tmp_path: Path, version: str
 ) -> None:
     conf = conf_for(store, tmp_path, version)
-    result = ipam("ADD", conf, "ctr-1")
+    result = run_ipam("ADD", conf, "ctr-1")
     assert result.code == 0, result
     [address] = result_ips(result.json, version)
     block = str(ipaddress.ip_interface(address).network)
@@ -72,7 +61,7 @@ def test_add_and_del_keep_the_nodes_hints_beside_its_lock(
     stored = json.loads(path.read_text())
     assert stored["scope"] == f"local {store.path}"
     assert stored["hosts"][NODE]["4"]["blocks"][block][1] == 7  # free after the ADD
-    assert ipam("DEL", conf, "ctr-1").code == 0
+    assert run_ipam("DEL", conf, "ctr-1").code == 0
     stored = json.loads(path.read_text())
     assert stored["hosts"][NODE]["4"]["blocks"][block][1] == 8
     assert store.handles() == []
