@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from libcalico.datastore.config import DatastoreSettings
 
 COMPONENT = "ipam"
+# A node's hints are ~60 bytes a block: far below this even with thousands of blocks.
+MAX_HINTS_BYTES = 4 * 1024 * 1024
 log = logging.getLogger(COMPONENT)
 
 
@@ -87,16 +89,20 @@ def _hint_scope(settings: DatastoreSettings) -> str:
 @contextmanager
 def _node_hints(path: str, scope: str) -> Iterator[BlockHints]:
     """The node's block hints (engine.BlockHints), read after the IPAM lock is taken and
-    written back before it is released. A missing or unreadable file means no hints,
-    and a failed write is only logged: hints save reads, they never decide an address."""
+    written back before it is released. A missing, unreadable, oversized or foreign-owned
+    file means no hints, and a failed write is only logged: hints save reads, they never
+    decide an address."""
     from ipam_plugin.engine import BlockHints
 
+    hints = BlockHints(scope)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
-            hints = BlockHints.from_json(json.loads(f.read()), scope)
+            text = f.read(MAX_HINTS_BYTES + 1)
+            if os.fstat(f.fileno()).st_uid == os.geteuid() and len(text) <= MAX_HINTS_BYTES:
+                hints = BlockHints.from_json(json.loads(text), scope)
     except (OSError, ValueError):
-        hints = BlockHints(scope)
+        pass  # none yet, or not ours to trust
     try:
         yield hints
     finally:

@@ -112,3 +112,33 @@ def test_lying_hints_never_hand_out_a_taken_address(store: LocalStore, tmp_path:
     assert len(set(more)) == 6
     assert store.consistency().ok
     assert os.path.exists(hints_file(tmp_path))
+
+
+def planted(store: LocalStore, padding: int = 0) -> str:
+    """A well-formed hints file for this datastore naming a host of the planter's."""
+    blocks = {f"10.99.{i // 256}.{i % 256}/32": ["1", 0] for i in range(padding)}
+    stored = {"selection": "", "reserved": "", "blocks": blocks}
+    return json.dumps({"scope": f"local {store.path}", "hosts": {"planted": {"4": stored}}})
+
+
+def test_hints_are_kept_across_calls(store: LocalStore, tmp_path: Path) -> None:
+    """The control for the two tests below: a file of our own is read and written back."""
+    hints_file(tmp_path).write_text(planted(store))
+    add(conf_for(store, tmp_path))
+    assert set(json.loads(hints_file(tmp_path).read_text())["hosts"]) == {"planted", NODE}
+
+
+def test_a_hints_file_someone_else_owns_is_not_trusted(store: LocalStore, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    hints_file(tmp_path).write_text(planted(store))
+    os.chown(hints_file(tmp_path), 65534, 65534)
+    add(conf_for(store, tmp_path))
+    assert set(json.loads(hints_file(tmp_path).read_text())["hosts"]) == {NODE}
+    assert hints_file(tmp_path).stat().st_uid == 0
+
+
+def test_an_oversized_hints_file_is_not_read(store: LocalStore, tmp_path: Path) -> None:
+    hints_file(tmp_path).write_text(planted(store, padding=70_000))  # > 4 MiB
+    add(conf_for(store, tmp_path))
+    assert set(json.loads(hints_file(tmp_path).read_text())["hosts"]) == {NODE}
