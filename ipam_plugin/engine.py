@@ -12,7 +12,7 @@ data and the same choices at a cost that does not grow with the blocks:
   and Node in one batched read; the block is used only if it really has room, and is
   written under CAS as always, so a wrong hint costs a read, never an address.
 - The host's affinities are listed (and blocks of pools that no longer select the node
-  released, as Calico does on every ADD) only when the pools' or Node's revisions
+  released, as Calico does on every ADD) only when the pools or the Node's labels
   changed since the last listing, or when no hinted block has room.
 - Before claiming a new block, blocks believed full are checked by revision alone
   (`Datastore.revisions`), so space freed behind the hints' back (another node's
@@ -227,7 +227,8 @@ class AssignResult:
 @dataclass
 class HostHints:
     """One host's blocks of one IP version as last seen: CIDR → (revision, free
-    addresses), and the pools' and Node's revisions when its affinities were last listed."""
+    addresses), and the pools' revisions and Node's labels when its affinities were last
+    listed."""
 
     blocks: dict[str, tuple[str, int]] = field(default_factory=dict)
     selection: str = ""
@@ -337,7 +338,7 @@ class _Context:
     reserved: Reservations
     node_labels: dict[str, str]
     all_pools: list[IPPool]
-    selection: str  # pools' and Node's revisions: what the affinities' pool check saw
+    selection: str  # pools' revisions and Node labels: what the affinities' pool check saw
     prefetched: dict[IPNetwork, tuple[KVPair | None, KVPair | None]]  # affinity, block
 
 
@@ -430,14 +431,18 @@ class IPAM:
         config, reservations, node, pools, *blocks = self.store.read_many(reads)
         assert isinstance(reservations, list) and isinstance(pools, list)
         assert not isinstance(node, list)
+        labels = _labels_of(node, host)
+        # What decides which pools select the node: the pools as stored, the node's labels
+        # (not its revision: a Kubernetes Node's status changes it every few seconds).
         selection = " ".join(f"{kvp.value.name}@{kvp.revision}" for kvp in pools)
+        selection += " " + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         prefetched = {cidr: (blocks[2 * i], blocks[2 * i + 1]) for i, cidr in enumerate(candidates)}
         return _Context(
             config=config.value if isinstance(config, KVPair) else IPAMConfig(),
             reserved=_reservations_of(reservations, version),
-            node_labels=_labels_of(node, host),
+            node_labels=labels,
             all_pools=[kvp.value for kvp in pools],
-            selection=f"{selection} node@{node.revision if node else ''}",
+            selection=selection,
             prefetched=prefetched,  # type: ignore[arg-type]
         )
 

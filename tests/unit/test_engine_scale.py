@@ -284,6 +284,26 @@ def test_a_pool_that_stops_selecting_the_node_is_noticed_by_a_warm_engine(
     assert affine_blocks(local) == {str(ipaddress.ip_interface(f"{other}/28").network)}
 
 
+def test_node_labels_that_stop_a_pool_selecting_it_are_noticed_by_a_warm_engine(
+    local: LocalDatastore,
+) -> None:
+    pool = local.get(ResourceKey("IPPool", "pool"))
+    pool.value.spec.node_selector = "zone == 'a'"
+    local.update(pool)
+    spec = {"cidr": "10.30.0.0/24", "blockSize": 28, "nodeSelector": "zone == 'b'"}
+    doc = {"metadata": {"name": "b"}, "spec": spec}
+    local.create(KVPair(ResourceKey("IPPool", "b"), IPPool.from_json(doc)))
+    ipam = IPAM(local)
+    ipam.ensure_node(NODE, {"zone": "a"})
+    [ip] = assign(ipam, "h")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(POOL)
+    ipam.release_by_handle("h")
+    ipam.ensure_node(NODE, {"zone": "b"})
+    [other] = assign(ipam, "h2")
+    assert ipaddress.ip_address(other) in ipaddress.ip_network("10.30.0.0/24")
+    assert affine_blocks(local) == {str(ipaddress.ip_interface(f"{other}/28").network)}
+
+
 @pytest.mark.parametrize(
     "doc",
     [
