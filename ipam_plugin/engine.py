@@ -638,8 +638,10 @@ class IPAM:
         if not ctx.config.auto_allocate_blocks:
             raise _NoFreeBlocks("failed to find or claim a block")
 
+        affine = {kvp.key.cidr for kvp in state.listed or ()}
+
         def attempt() -> tuple[KVPair, bool]:
-            cidr = self._find_usable_block(state.host, state.pools, state.reserved)
+            cidr = self._find_usable_block(state.host, state.pools, state.reserved, affine)
             return self._claim_block(state.host, cidr)
 
         kvp, newly_claimed = _with_retries(attempt)
@@ -765,10 +767,13 @@ class IPAM:
         version = pools[0].network.version
         return {kvp.key.cidr: kvp for kvp in self.store.list(BlockListOptions(version))}
 
-    def _unclaimed_cidr(self, pool: IPPool, host: str, reserved: Reservations) -> IPNetwork | None:
+    def _unclaimed_cidr(
+        self, pool: IPPool, host: str, reserved: Reservations, affine: set[IPNetwork]
+    ) -> IPNetwork | None:
         """The first CIDR of the pool's hostname-seeded walk with no block, checking
-        candidates for existence in growing batches instead of reading every block."""
-        walk = (c for c in block_cidrs(pool, host) if not reserved.covers(c))
+        candidates for existence in growing batches instead of reading every block. The
+        host's own blocks (`affine`), where its walk starts, are known to exist."""
+        walk = (c for c in block_cidrs(pool, host) if c not in affine and not reserved.covers(c))
         for size in itertools.chain(_CLAIM_BATCHES, itertools.repeat(_CLAIM_BATCHES[-1])):
             chunk = list(itertools.islice(walk, size))
             if not chunk:
@@ -780,13 +785,13 @@ class IPAM:
         return None  # unreachable: the walk ends
 
     def _find_usable_block(
-        self, host: str, pools: list[IPPool], reserved: Reservations
+        self, host: str, pools: list[IPPool], reserved: Reservations, affine: set[IPNetwork]
     ) -> IPNetwork:
         """First CIDR (hostname-seeded walk of each pool) with no block yet. Only when
         every CIDR has one, Calico's full read: a block of ours with room that lost its
         affinity, else another host's long-empty block to reclaim."""
         for pool in pools:
-            cidr = self._unclaimed_cidr(pool, host, reserved)
+            cidr = self._unclaimed_cidr(pool, host, reserved, affine)
             if cidr is not None:
                 return cidr
         blocks = self._blocks_by_cidr(pools)

@@ -196,6 +196,23 @@ def test_an_address_freed_behind_the_hints_is_used_before_a_new_block_is_claimed
     assert_consistent(local)
 
 
+def test_a_full_node_claims_its_next_block_without_checking_its_own_blocks_again(
+    local: LocalDatastore, counting: CountingStore
+) -> None:
+    fill_node(local, NODE, 60)
+    ipam = IPAM(counting)
+    assign(ipam, "warm")  # learns the 60 full blocks, claims a 61st
+    assign(IPAM(local), "other", num=BLOCK - 1)  # another writer fills the 61st
+    counting.reset()
+    assign(ipam, "claims")
+    assert len(affine_blocks(local)) == 62
+    # One revision check of the full blocks, one of the first candidates of the walk:
+    # the node's own 61 blocks, where its walk starts, are not checked for existence.
+    assert counting.requests["revisions"] == 2
+    assert counting.block_lists == 0
+    assert_consistent(local)
+
+
 def test_a_block_filled_by_another_writer_is_skipped(local: LocalDatastore) -> None:
     fill_node(local, NODE, 3, spare=5)
     mine, theirs = IPAM(local), IPAM(local)
