@@ -143,7 +143,10 @@ def _targets(opts: argparse.Namespace) -> list[tuple[Kind, str, str]]:
 
 
 def _get(opts: argparse.Namespace) -> int:
-    targets = _targets(opts)
+    try:
+        targets = _targets(opts)
+    except CommandError as err:
+        raise CommandError(f"failed to get resources: {err}") from err
     with open_datastore(opts.config) as store:
         client = ResourceClient(store)
         if targets:

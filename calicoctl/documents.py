@@ -72,6 +72,9 @@ def _go_yaml_dumper() -> type:
     import yaml
 
     class GoDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: object) -> bool:
+            return True  # go-yaml repeats shared values; it has no anchors
+
         def represent_str(self, data: str) -> yaml.ScalarNode:
             tag = "tag:yaml.org,2002:str"
             implicit = self.resolve(yaml.ScalarNode, data, (True, False))

@@ -197,9 +197,7 @@ def resource_from_document(doc: dict[str, Any], namespace: str = "") -> CtlResou
     resource = builder(doc) if builder else resource_from_api(kind.name, doc)
     name = resource.metadata.name
     if kind.singleton and name != kind.singleton:
-        raise ValidationError(
-            f"metadata.name = '{name}'", f"{kind.name} must be named {kind.singleton}"
-        )
+        raise ValidationError("metadata.name", f"{kind.name} must be named {kind.singleton}", name)
     if isinstance(resource, IPAMConfiguration):
         resource.validate()
     else:

@@ -189,7 +189,7 @@ def _describe(error: Any) -> ValidationError:
     where = _field_path(parts) or "document"
     value = error.instance
     shown = value if isinstance(value, str | int | float | bool) else type(value).__name__
-    return ValidationError(f"{where} = '{shown}'", _reason(error))
+    return ValidationError(where, _reason(error), shown)
 
 
 def checked(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:

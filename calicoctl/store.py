@@ -134,13 +134,15 @@ def _check_pool(pool: IPPool, old: IPPool | None, pools: dict[str, IPPool]) -> N
     if old is not None:
         if old.network != network:
             raise ValidationError(
-                f"spec.cidr = '{pool.spec.cidr}'",
+                "spec.cidr",
                 f"cannot change from {old.spec.cidr}: IPPool CIDR cannot be modified",
+                pool.spec.cidr,
             )
         if old.spec.block_size != pool.spec.block_size:
             raise ValidationError(
-                f"spec.blockSize = '{pool.spec.block_size}'",
+                "spec.blockSize",
                 f"cannot change from {old.spec.block_size}: IPPool BlockSize cannot be modified",
+                pool.spec.block_size,
             )
     for other in pools.values():
         if (
@@ -149,9 +151,10 @@ def _check_pool(pool: IPPool, old: IPPool | None, pools: dict[str, IPPool]) -> N
             and other.network.overlaps(network)
         ):
             raise ValidationError(
-                f"spec.cidr = '{pool.spec.cidr}'",
+                "spec.cidr",
                 f"IPPool({pool.name}) CIDR overlaps with IPPool({other.name}) CIDR "
                 f"{other.spec.cidr}",
+                pool.spec.cidr,
             )
 
 

@@ -23,13 +23,18 @@ STATE_CONFIRMED = "confirmed"
 STATE_PENDING_DELETION = "pendingDeletion"
 
 
-class ValidationError(ValueError):
-    """A resource field with an invalid value; the message names the field."""
+_NO_VALUE = object()
 
-    def __init__(self, field_path: str, problem: str) -> None:
-        super().__init__(f"{field_path}: {problem}")
+
+class ValidationError(ValueError):
+    """A resource field with an invalid value; the message names the field (and the
+    value, when one is given)."""
+
+    def __init__(self, field_path: str, problem: str, value: Any = _NO_VALUE) -> None:
         self.field_path = field_path
         self.problem = problem
+        self.shown = field_path if value is _NO_VALUE else f"{field_path} = '{value}'"
+        super().__init__(f"{self.shown}: {problem}")
 
 
 def parse_network(text: str, field_path: str = "cidr") -> IPNetwork:
@@ -642,7 +647,7 @@ class IPPool:
         spec = self.spec
 
         def invalid(name: str, value: Any, reason: str) -> ValidationError:
-            return ValidationError(f"spec.{name} = '{value}'", reason)
+            return ValidationError(f"spec.{name}", reason, value)
 
         try:
             network = ipaddress.ip_network(spec.cidr)

@@ -36,7 +36,7 @@ _COMMUNITY = re.compile(r"^\d+:\d+(:\d+)?$")
 
 
 def _invalid(path: str, value: Any, reason: str) -> ValidationError:
-    return ValidationError(f"{path} = '{value}'", reason)
+    return ValidationError(path, reason, value)
 
 
 def _name(kind: str, name: str) -> None:

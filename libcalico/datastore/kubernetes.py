@@ -158,6 +158,9 @@ class Codec:
         """Whether a listed object stands for one of ours."""
         return True
 
+    def revision(self, obj: dict[str, Any]) -> str | None:
+        return obj["metadata"].get("resourceVersion")
+
     def update_path(self, key: Key) -> str:
         return self.path(key)
 
@@ -583,8 +586,6 @@ class WorkloadEndpointCodec(_ReadOnlyCodec):
     """Pods as Calico's WorkloadEndpoints (libcalico-go's pod conversion): one per pod
     scheduled to a node and not on the host network, named `<node>-k8s-<pod>-eth0`."""
 
-    root = "/api/v1"
-
     def collection(self, key: Key | None = None) -> str:
         if isinstance(key, ResourceKey):
             return f"{self.root}/namespaces/{quote(key.namespace, safe='')}/pods"
@@ -652,8 +653,11 @@ class NamespaceProfileCodec(_ReadOnlyCodec):
     """A Namespace as Calico's `kns.<namespace>` Profile: allow all, and the namespace's
     labels to apply to its endpoints as `pcns.<label>`."""
 
-    root = "/api/v1"
     prefix = "kns."
+
+    def revision(self, obj: dict[str, Any]) -> str:
+        """Calico's profile revision is `<namespace's>/<service account's>`."""
+        return f"{obj['metadata'].get('resourceVersion', '')}/"
 
     def name(self, key: ResourceKey) -> str:
         return key.name.removeprefix(self.prefix)
@@ -665,7 +669,9 @@ class NamespaceProfileCodec(_ReadOnlyCodec):
         return self._profile(self.prefix + meta["name"], meta, labels)
 
     def _profile(self, name: str, meta: dict[str, Any], apply: dict[str, str]) -> Decoded:
-        extra = {k: meta[k] for k in ("uid", "creationTimestamp") if meta.get(k)}
+        extra = {"uid": convert_uid(meta["uid"])} if meta.get("uid") else {}
+        if meta.get("creationTimestamp"):
+            extra["creationTimestamp"] = meta["creationTimestamp"]
         spec = {**_allow_all(), "labelsToApply": dict(sorted(apply.items()))}
         return Decoded(ResourceKey("Profile", name), Profile(ObjectMeta(name, {}, extra), spec))
 
@@ -675,6 +681,9 @@ class ServiceAccountProfileCodec(NamespaceProfileCodec):
     account's labels to apply as `pcsa.<label>`."""
 
     prefix = "ksa."
+
+    def revision(self, obj: dict[str, Any]) -> str:
+        return f"/{obj['metadata'].get('resourceVersion', '')}"
 
     def collection(self, key: Key | None = None) -> str:
         if isinstance(key, ResourceKey):
@@ -726,11 +735,11 @@ _RESOURCES: dict[str, Codec] = {
         for kind in ("NetworkPolicy", "NetworkSet")
     },
     "Node": NodeCodec("Node", RESOURCE_PLURALS["Node"], root="/api/v1"),
-    "WorkloadEndpoint": WorkloadEndpointCodec("WorkloadEndpoint", "pods"),
+    "WorkloadEndpoint": WorkloadEndpointCodec("WorkloadEndpoint", "pods", root="/api/v1"),
 }
 _PROFILES = (
-    NamespaceProfileCodec("Profile", "namespaces"),
-    ServiceAccountProfileCodec("Profile", "serviceaccounts"),
+    NamespaceProfileCodec("Profile", "namespaces", root="/api/v1"),
+    ServiceAccountProfileCodec("Profile", "serviceaccounts", root="/api/v1"),
 )
 
 
@@ -808,7 +817,7 @@ class KubernetesDatastore(Datastore):
         except (KeyError, TypeError, ValueError) as err:
             name = (obj.get("metadata") or {}).get("name")
             raise DatastoreCorrupt(f"{codec.kind} {name!r} is not a Calico object: {err}") from err
-        return KVPair(decoded.key, decoded.value, obj["metadata"].get("resourceVersion"))
+        return KVPair(decoded.key, decoded.value, codec.revision(obj))
 
     @staticmethod
     def _marked_deleted(codec: Codec, kvp: KVPair) -> bool:
