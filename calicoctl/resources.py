@@ -238,7 +238,7 @@ def failure(err: CommandError | ValidationError, kind: str | None) -> str:
     if err.problem == UNKNOWN_FIELD:
         return f"error parsing document: {UNKNOWN_FIELD}: {err.field_path}"
     return (
-        f"failed to validate '{kind}' resource: error with field {err.field_path} ({err.problem})"
+        f"failed to validate '{kind}' resource: error with field {err.shown} ({err.problem})"
     )
 
 

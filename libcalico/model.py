@@ -782,9 +782,15 @@ class SpecResource:
 
 class Node(SpecResource):
     """A Calico Node: `spec.bgp` (ipv4Address with its prefix, asNumber,
-    routeReflectorClusterID), tunnel addresses; IPAM needs its existence and labels."""
+    routeReflectorClusterID), tunnel addresses; IPAM needs its existence and labels.
+    Its status is always present (`{}` when empty), as Calico stores it."""
 
     kind = "Node"
+
+    def api_json(self) -> dict[str, Any]:
+        doc = super().api_json()
+        doc.setdefault("status", {})
+        return doc
 
 
 class ClusterInformation(SpecResource):
