@@ -237,9 +237,7 @@ def failure(err: CommandError | ValidationError, kind: str | None) -> str:
         return str(err)
     if err.problem == UNKNOWN_FIELD:
         return f"error parsing document: {UNKNOWN_FIELD}: {err.field_path}"
-    return (
-        f"failed to validate '{kind}' resource: error with field {err.shown} ({err.problem})"
-    )
+    return f"failed to validate '{kind}' resource: error with field {err.shown} ({err.problem})"
 
 
 def parse_resources(

@@ -80,7 +80,8 @@ SEED_TABLES = {
         "peer-with-route-reflectors            all()   0     \n\n"
     ),
     ("get", "bgpconfiguration"): (
-        "NAME      LOGSEVERITY   MESHENABLED   ASNUMBER   \ndefault   Info          false         63400      \n\n"
+        "NAME      LOGSEVERITY   MESHENABLED   ASNUMBER   \n"
+        "default   Info          false         63400      \n\n"
     ),
     ("get", "ipPools", "-o", "wide"): (
         "NAME                  CIDR            NAT    IPIPMODE      VXLANMODE   DISABLED   "
