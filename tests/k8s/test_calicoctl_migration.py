@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.calicoctl_support import Calicoctl
+from tests.etcd.cni_support import reachable_from as etcd_reachable_from
 from tests.etcd_fixture import EtcdCluster, start_etcd
 from tests.harness import Node, calico_conf, pod_args, unique
 from tests.k8s.fixture import STRATEGIC_MERGE_PATCH, KubeCluster
@@ -136,3 +137,54 @@ def test_local_to_etcd_to_kubernetes_with_live_pods(
             assert removed.code == 0, removed
             assert_pod_gone(node, netns, expected_host_veth("default", name), [address])
     assert_nothing_allocated(cluster)
+
+
+def test_etcd_endpoints_of_k8s_policy_pods_carry_labels_and_uid(
+    node: Node, cluster: KubeCluster, etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """With `policy.type: k8s` real Calico writes the pod's labels, UID and service account
+    into its WorkloadEndpoint, so that policy selecting pods by label matches them."""
+    _reset(cluster)
+    on_etcd = Calicoctl({"DATASTORE_TYPE": "etcdv3", "ETCD_ENDPOINTS": etcd.endpoints})
+    on_etcd.ok("apply", "-f", "-", stdin=POOL)
+    name = unique("web")
+    pod = cluster.admin.create(
+        "/api/v1/namespaces/default/pods",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "web", "tier": "front"}},
+            "spec": {
+                "nodeName": "node1",
+                "serviceAccountName": "web-sa",
+                "containers": [{"name": "main", "image": "registry.invalid/pause"}],
+            },
+        },
+    )
+    conf = calico_conf(
+        "1.0.0",
+        {"type": "calico-ipam"},
+        ipam_lock_file=str(tmp_path / "ipam.lock"),
+        policy={"type": "k8s"},
+        kubernetes={"kubeconfig": str(cluster.cni_kubeconfig)},
+        **etcd.netconf(),
+    )
+    cid, netns = container_id(), node.new_pod()
+    with reachable_from(cluster, node), etcd_reachable_from(etcd, node.netns):
+        added = node.run("ADD", conf, cid, netns.path, args=pod_args(name))
+        assert added.code == 0, added
+        for tool in (on_etcd, on_etcd.oracle()):
+            (wep,) = tool.doc("get", "workloadendpoints", "-A")["items"]
+            assert wep["metadata"]["uid"] == pod["metadata"]["uid"]
+            assert wep["metadata"]["labels"] == {
+                "app": "web",
+                "tier": "front",
+                "projectcalico.org/namespace": "default",
+                "projectcalico.org/orchestrator": "k8s",
+                "projectcalico.org/serviceaccount": "web-sa",
+            }
+            assert wep["spec"]["profiles"] == ["kns.default", "ksa.default.web-sa"]
+            assert wep["spec"]["serviceAccountName"] == "web-sa"
+        removed = node.run("DEL", conf, cid, netns.path, args=pod_args(name))
+        assert removed.code == 0, removed
+    assert on_etcd.doc("get", "workloadendpoints", "-A")["items"] == []
