@@ -161,6 +161,17 @@ ORDER = Column(
     "ORDER",
     lambda doc, _: "<nil>" if _spec(doc).get("order") is None else go_float(_spec(doc)["order"]),
 )
+ENDPOINT = (
+    Column("WORKLOAD", _workload),
+    Column("NODE", spec_cell("node")),
+    Column("NETWORKS", lambda doc, _: _join(_spec(doc).get("ipNetworks"))),
+    Column("INTERFACE", spec_cell("interfaceName")),
+)
+IPAM_CONFIGURATION = (
+    NAME,
+    Column("STRICTAFFINITY", bool_cell("strictAffinity")),
+    Column("AUTOALLOCATEBLOCKS", bool_cell("autoAllocateBlocks")),
+)
 NETS = Column("NETS", lambda doc, _: _truncated(_join(_spec(doc).get("nets"))))
 
 
@@ -256,17 +267,8 @@ KINDS: tuple[Kind, ...] = (
     Kind(
         "IPAMConfiguration",
         ("ipamconfiguration", "ipamconfigurations", "ipamconfig", "ipamconfigs"),
-        (
-            NAME,
-            Column("STRICTAFFINITY", bool_cell("strictAffinity")),
-            Column("AUTOALLOCATEBLOCKS", bool_cell("autoAllocateBlocks")),
-        ),
-        wide=(
-            NAME,
-            Column("STRICTAFFINITY", bool_cell("strictAffinity")),
-            Column("AUTOALLOCATEBLOCKS", bool_cell("autoAllocateBlocks")),
-            Column("MAXBLOCKSPERHOST", spec_cell("maxBlocksPerHost", "0")),
-        ),
+        IPAM_CONFIGURATION,
+        wide=(*IPAM_CONFIGURATION, Column("MAXBLOCKSPERHOST", spec_cell("maxBlocksPerHost", "0"))),
         crd="ipamconfigs",
         singleton="default",
     ),
@@ -316,18 +318,10 @@ KINDS: tuple[Kind, ...] = (
     Kind(
         "WorkloadEndpoint",
         ("workloadendpoint", "workloadendpoints", "wep", "weps"),
-        (
-            Column("WORKLOAD", _workload),
-            Column("NODE", spec_cell("node")),
-            Column("NETWORKS", lambda doc, _: _join(_spec(doc).get("ipNetworks"))),
-            Column("INTERFACE", spec_cell("interfaceName")),
-        ),
+        ENDPOINT,
         wide=(
             NAME,
-            Column("WORKLOAD", _workload),
-            Column("NODE", spec_cell("node")),
-            Column("NETWORKS", lambda doc, _: _join(_spec(doc).get("ipNetworks"))),
-            Column("INTERFACE", spec_cell("interfaceName")),
+            *ENDPOINT,
             Column("PROFILES", lambda doc, _: _join(_spec(doc).get("profiles"))),
             Column("NATS", lambda doc, _: _join(_spec(doc).get("ipNATs"))),
         ),

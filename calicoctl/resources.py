@@ -16,6 +16,7 @@ from calicoctl.errors import CommandError
 from calicoctl.kinds import DOCUMENT_KINDS, Kind
 from libcalico.model import (
     API_VERSION,
+    METADATA_FIELDS,
     ClusterInformation,
     IPAMConfig,
     ObjectMeta,
@@ -29,24 +30,6 @@ from libcalico.validation import default_policy, validate
 IPAM_CONFIG_NAME = "default"
 DEFAULT_NAMESPACE = "default"
 _TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
-# ObjectMeta's fields: anything else in metadata is a mistake Go's decoder refuses.
-_METADATA_FIELDS = (
-    "name",
-    "generateName",
-    "namespace",
-    "selfLink",
-    "uid",
-    "resourceVersion",
-    "generation",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "deletionGracePeriodSeconds",
-    "labels",
-    "annotations",
-    "ownerReferences",
-    "finalizers",
-    "managedFields",
-)
 _POLICIES = ("NetworkPolicy", "GlobalNetworkPolicy")
 UNKNOWN_FIELD = "field in document is not recognized or is in the wrong location"
 
@@ -151,7 +134,7 @@ def _check_shape(doc: dict[str, Any]) -> None:
     if not isinstance(metadata, dict):
         raise ValidationError("metadata", "must be a mapping with a name")
     for name in metadata:
-        if name not in _METADATA_FIELDS:
+        if name not in METADATA_FIELDS:  # Go's decoder refuses anything else
             raise ValidationError(f"metadata.{name}", UNKNOWN_FIELD)
     for name in ("labels", "annotations"):
         values = metadata.get(name) or {}

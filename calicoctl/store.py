@@ -44,6 +44,7 @@ from libcalico.model import (
     Tier,
     ValidationError,
     Value,
+    ordered_metadata,
     resource_key,
     tiered_policy_name,
 )
@@ -79,10 +80,7 @@ class StoredResource:
     def to_json(self) -> dict[str, Any]:
         doc = document_of(self.resource)
         if self.revision is not None:
-            meta = dict(doc["metadata"], resourceVersion=self.revision)
-            from libcalico.model import ordered_metadata
-
-            doc["metadata"] = ordered_metadata(meta)
+            doc["metadata"] = ordered_metadata(dict(doc["metadata"], resourceVersion=self.revision))
         return doc
 
 

@@ -484,8 +484,9 @@ class IPAMConfig:
 # ------------------------------------------------------------- v3 resources
 
 
-# Go's ObjectMeta field order: how Calico's JSON (and calicoctl's -o json) lists metadata.
-_METADATA_ORDER = (
+# Go's ObjectMeta fields, in its order: how Calico's JSON (and calicoctl's -o json) lists
+# metadata.
+METADATA_FIELDS = (
     "name",
     "generateName",
     "namespace",
@@ -506,7 +507,7 @@ _METADATA_ORDER = (
 
 def ordered_metadata(doc: dict[str, Any]) -> dict[str, Any]:
     """`doc`'s keys in Go's ObjectMeta order (unknown ones last)."""
-    rank = {name: index for index, name in enumerate(_METADATA_ORDER)}
+    rank = {name: index for index, name in enumerate(METADATA_FIELDS)}
     return dict(sorted(doc.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 

@@ -39,9 +39,8 @@ def _invalid(path: str, value: Any, reason: str) -> ValidationError:
     return ValidationError(path, reason, value)
 
 
-def _name(kind: str, name: str) -> None:
-    pattern = DNS1123_SUBDOMAIN
-    if len(name) > 253 or not pattern.fullmatch(name):
+def _name(name: str) -> None:
+    if len(name) > 253 or not DNS1123_SUBDOMAIN.fullmatch(name):
         raise _invalid(
             "metadata.name",
             name,
@@ -301,7 +300,7 @@ def _reservation(reservation: IPReservation) -> None:
 def validate(resource: Resource) -> None:
     """Every rule that needs nothing but the resource itself."""
     name = resource.metadata.name
-    _name(resource.kind, name)
+    _name(name)
     if resource.kind in NAMESPACED_KINDS:
         _namespace(resource.metadata.namespace)
     if isinstance(resource, IPPool):

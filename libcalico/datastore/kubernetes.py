@@ -1,4 +1,4 @@
-"""The `kubernetes` datastore: Calico's IPAM objects as CRDs in `crd.projectcalico.org/v1`.
+"""The `kubernetes` datastore: Calico's data as `crd.projectcalico.org/v1` CRDs and Nodes.
 
 Each key maps to one custom resource, named and shaped as libcalico-go's KDD backend
 names and shapes them (calico-behaviour.md §4.6, §4.8), so real Calico components can share
@@ -12,9 +12,13 @@ update setting `deleted` (the CAS), then a delete preconditioned on the resultin
 resourceVersion. A reader that meets an object marked deleted finishes the job and reports
 NotFound; lists leave such objects out.
 
-Nodes are the cluster's real Nodes (`/api/v1/nodes`), read-only: their labels feed IP
-pools' nodeSelector. WorkloadEndpoints and Profiles have no place here (the Pod is the
-endpoint), so keys of those kinds are refused.
+Calico's v3 resources are CRDs of the same kind, their v3 metadata in the
+`projectcalico.org/metadata` annotation (policies under their tiered name), as
+libcalico-go's CRD conversion stores them. A Calico Node is the cluster's Node
+(`/api/v1/nodes`): its labels and Calico's annotations read as the Calico Node, and an
+update writes Calico's settings into the live Node's annotations (through `nodes/status`,
+as Calico does); kubelet alone creates and deletes Nodes. WorkloadEndpoints are the Pods
+and Profiles the Namespaces and ServiceAccounts, read-only here.
 """
 
 from __future__ import annotations

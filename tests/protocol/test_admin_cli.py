@@ -72,7 +72,7 @@ def calicoctl(tmp_path: Path) -> Calicoctl:
 
 
 def test_every_command_on_the_local_datastore(calicoctl: Calicoctl, tmp_path: Path) -> None:
-    every_command(calicoctl, tmp_path)
+    every_command(calicoctl)
 
 
 def test_bad_input_on_the_local_datastore(calicoctl: Calicoctl) -> None:

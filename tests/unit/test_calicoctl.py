@@ -8,8 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +15,6 @@ import pytest
 import yaml
 
 from calicoctl import schema
-from calicoctl.cli import main
 from calicoctl.kinds import go_float, kind_for
 from cni_plugin.workload import WorkloadID, write_endpoint
 from ipam_plugin.engine import IPAM, AutoAssignRequest
@@ -26,40 +23,9 @@ from libcalico.datastore.local import LocalDatastore
 from libcalico.model import Node, ObjectMeta, ResourceKey
 from tests.calicoctl_support import POLICY, SEED, rows
 from tests.harness import REPO
+from tests.unit.cli_support import Cli, cli, db
 
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Run]
-
-
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    path = str(tmp_path / "calico.db")
-    monkeypatch.setenv("LOCAL_DATASTORE_PATH", path)
-    for name in ("DATASTORE_TYPE", "ETCD_ENDPOINTS", "KUBECONFIG"):
-        monkeypatch.delenv(name, raising=False)
-    return path
-
-
-@pytest.fixture
-def cli(db: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
-    def run(*argv: str, stdin: str | None = None) -> Run:
-        if stdin is not None:
-            import io
-
-            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err
-        return Run(code, captured.out, captured.err)
-
-    return run
+__all__ = ["cli", "db"]
 
 
 def refused(cli: Cli, text: str) -> str:

@@ -4,14 +4,12 @@ configuration, cluster information, `ipam`; the other kinds are in test_calicoct
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from calicoctl.cli import main
 from cni_plugin.types import CNIError
 from cni_plugin.workload import WorkloadID, require_ready, write_endpoint
 from ipam_plugin.engine import IPAM, AutoAssignRequest
@@ -20,6 +18,9 @@ from libcalico.datastore.local import LocalDatastore
 from libcalico.model import ClusterInformation, HandleKey, ObjectMeta, ResourceKey
 from libcalico.version import VERSION
 from tests.harness import REPO
+from tests.unit.cli_support import Cli, cli, db
+
+__all__ = ["cli", "db"]
 
 # The seed's pool as shipped in conf/: it must apply unchanged.
 SEED_POOL = (REPO / "conf" / "ippool-default.yaml").read_text()
@@ -32,38 +33,6 @@ SEED_SPEC = {
     "vxlanMode": "Never",
 }
 NODE = "node1"
-
-
-@dataclass
-class Run:
-    """One CLI invocation's exit code and output."""
-
-    code: int
-    out: str
-    err: str
-
-
-Cli = Callable[..., Run]
-
-
-@pytest.fixture
-def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    path = str(tmp_path / "calico.db")
-    monkeypatch.setenv("LOCAL_DATASTORE_PATH", path)
-    for name in ("DATASTORE_TYPE", "ETCD_ENDPOINTS"):
-        monkeypatch.delenv(name, raising=False)
-    return path
-
-
-@pytest.fixture
-def cli(db: str, capsys: pytest.CaptureFixture[str]) -> Cli:
-    def run(*argv: str) -> Run:
-        code = main(list(argv))
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err
-        return Run(code, captured.out, captured.err)
-
-    return run
 
 
 def write(tmp_path: Path, text: str, name: str = "res.yaml") -> str:
