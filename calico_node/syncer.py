@@ -143,6 +143,12 @@ class Snapshot:
         return sorted(found, key=lambda item: (item[0].version, item[0]))
 
 
+class NotReady(Exception):
+    """Raised by `apply` after converging what it could, when something keeps the consumer
+    from being ready (a kernel without IPIP, a tunnel address not allocated yet): its
+    readiness reports the message, and it is retried, without a traceback in the log."""
+
+
 class Consumer(ABC):
     """One concern that follows the snapshot (confd; a Felix-style manager)."""
 
@@ -235,10 +241,13 @@ class ConsumerRunner:
             try:
                 self.consumer.apply(snapshot)
             except Exception as err:
-                self.last_error = f"{type(err).__name__}: {err}"
-                log.exception(
-                    "%s failed to apply snapshot %d", self.consumer.name, snapshot.generation
-                )
+                if isinstance(err, NotReady):  # the consumer logged why; no traceback
+                    self.last_error = str(err)
+                else:
+                    self.last_error = f"{type(err).__name__}: {err}"
+                    log.exception(
+                        "%s failed to apply snapshot %d", self.consumer.name, snapshot.generation
+                    )
                 self._retry_at = time.monotonic() + delay
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue

@@ -1,0 +1,220 @@
+"""Felix as one consumer of the syncer: each pass reads the host, computes the desired
+dataplane (model.py) and has each manager converge its part, in dependency order:
+
+    host facts (links, MTU, the node's interface, IPIP support) -> VXLAN devices and peers
+    -> tunl0 -> routes -> natOutgoing -> the mtu file
+
+A pass runs on every new snapshot, on netlink events (monitor.py), and every refresh
+interval (the smaller of routeRefreshInterval and iptablesRefreshInterval); so whatever was
+removed or changed by hand is put back, and the fix is logged. A manager that fails does
+not stop the others; the pass then raises and is retried. A node that cannot do what it is
+asked (IPIP on this kernel) or is still waiting (for its tunnel address) raises NotReady:
+the readiness probe and `calicoctl node status` show the reason.
+
+Stopping the daemon leaves the dataplane in place (pods keep their routes across a
+restart); `uninstall` removes all of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from calico_node.felix import ipip, mtu, nat, netlink, routes, vxlan
+from calico_node.felix.config import FelixConfig
+from calico_node.felix.model import (
+    IPIP_DEVICE,
+    VXLAN_DEVICE,
+    Dataplane,
+    HostFacts,
+    desired_dataplane,
+    ipip_pools,
+    ipip_wanted,
+)
+from calico_node.felix.monitor import NetlinkMonitor
+from calico_node.felix.netlink import IPRoute, Link
+from calico_node.syncer import Consumer, NotReady, Snapshot
+
+if TYPE_CHECKING:
+    from calico_node.daemon import NodeContext
+
+log = logging.getLogger("felix")
+
+
+def _own_addresses(snapshot: Snapshot, nodename: str) -> dict[int, str]:
+    node = snapshot.nodes.get(nodename)
+    bgp = (node.spec.get("bgp") or {}) if node is not None else {}
+    found = {}
+    for version, key in ((4, "ipv4Address"), (6, "ipv6Address")):
+        if bgp.get(key):
+            found[version] = str(bgp[key]).split("/")[0]
+    return found
+
+
+class Felix(Consumer):
+    name = "felix"
+
+    def __init__(self, node: NodeContext) -> None:
+        self.node = node
+        self.env = node.config.environ
+        self.backend = node.config.networking_backend
+        # The environment's settings are checked now: a bad FELIX_* stops the start.
+        self.refresh_interval = FelixConfig.resolve(self.env, {}, {}).refresh_interval
+        self.mtu_file = node.paths.lib_dir / "mtu"
+        self._ipr: IPRoute | None = None
+        self._route_manager: routes.RouteManager | None = None  # keeps what it programmed
+        self._port: int | None = None
+        self._device_indexes: set[int] = set()
+        self._warned: set[str] = set()
+        self._monitor: NetlinkMonitor | None = None
+        self._nat_checked: tuple[int, float, FelixConfig | None] = (-1, 0.0, None)
+        self._last_problems: tuple[str, ...] = ()
+        self.dataplane: Dataplane | None = None  # the last desired state (status, tests)
+        self.problems: tuple[str, ...] = ()
+
+    # -- plumbing
+
+    def watch_netlink(self, kick: Callable[[], None]) -> None:
+        """Re-apply soon after relevant netlink events (call once the runner exists)."""
+        self._monitor = NetlinkMonitor(kick, lambda: self._port, lambda: self._device_indexes)
+        self._monitor.start()
+
+    def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def _socket(self) -> IPRoute:
+        """Opened in the consumer's thread, at its first pass."""
+        if self._ipr is None:
+            self._ipr = IPRoute()
+            self._route_manager = routes.RouteManager(self._ipr)
+        return self._ipr
+
+    def _links(self) -> dict[str, Link]:
+        messages = self._socket().get_links()
+        if messages:
+            self._port = messages[0]["header"]["pid"]  # our port id: our own events' mark
+        found = {link.name: link for link in map(Link.parse, messages)}
+        self._device_indexes = {
+            found[n].index for n in (*VXLAN_DEVICE.values(), IPIP_DEVICE) if n in found
+        }
+        return found
+
+    # -- one pass
+
+    def apply(self, snapshot: Snapshot) -> None:
+        me = self.node.name
+        config = FelixConfig.resolve(
+            self.env,
+            snapshot.felix_configuration("default"),
+            snapshot.felix_configuration(f"node.{me}"),
+            self._warned,
+        )
+        self.refresh_interval = config.refresh_interval
+        ipr = self._socket()
+        route_manager = self._route_manager
+        assert route_manager is not None
+        links = self._links()
+        problems: list[str] = []
+        fixed: list[str] = []
+        supported = True
+        if ipip_wanted(snapshot, config):
+            supported = ipip.IPIPManager(ipr).supported(links)
+            if not supported:
+                problems.append(ipip.refusal(tuple(sorted(p.name for p in ipip_pools(snapshot)))))
+        host = HostFacts(
+            host_mtu=mtu.detect(links, config.mtu_iface_pattern, self._warned),
+            parents=self._parents(ipr, links, snapshot),
+            ipip_supported=supported,
+        )
+        want = desired_dataplane(snapshot, me, config, self.backend, host)
+        self.dataplane = want
+        problems += want.waiting
+
+        def step(what: str, run: Callable[[], list[str]]) -> None:
+            try:
+                fixed.extend(run())
+            except Exception as err:
+                log.debug("%s failed", what, exc_info=True)
+                problems.append(f"{what}: {err}")
+
+        step("VXLAN", lambda: vxlan.VXLANManager(ipr).apply(want.vxlan, links))
+        links = self._links()
+        if supported:
+            step("IPIP", lambda: ipip.IPIPManager(ipr).apply(want.ipip, links))
+        step(
+            "routes",
+            lambda: route_manager.apply(
+                want.routes, links, config.felix_route_protocol, want.owned_devices
+            ),
+        )
+        if self._nat_due(snapshot, config):
+            before = len(problems)
+            step("natOutgoing", lambda: nat.MasqManager().apply(want.nat, config))
+            if len(problems) == before:
+                self._nat_checked = (snapshot.generation, time.monotonic(), config)
+        step("MTU file", lambda: self._mtu_file(want.mtu))
+        for line in fixed:
+            log.info("dataplane: %s", line)
+        self._report(tuple(problems))
+        if problems:
+            raise NotReady("; ".join(problems))
+
+    def _parents(self, ipr: IPRoute, links: dict[str, Link], snapshot: Snapshot) -> dict[int, str]:
+        """The interface holding the node's address, per family."""
+        parents = {}
+        for version, text in _own_addresses(snapshot, self.node.name).items():
+            link = netlink.interface_with(ipr, links, ipaddress.ip_address(text))
+            if link is not None:
+                parents[version] = link.name
+        return parents
+
+    def _nat_due(self, snapshot: Snapshot, config: FelixConfig) -> bool:
+        generation, at, checked_with = self._nat_checked
+        return (
+            generation != snapshot.generation
+            or checked_with != config
+            or time.monotonic() - at >= config.iptables_refresh_interval
+        )
+
+    def _mtu_file(self, value: int) -> list[str]:
+        if mtu.write_file(self.mtu_file, value):
+            return [f"wrote {self.mtu_file}: {value}"]
+        return []
+
+    def _report(self, problems: tuple[str, ...]) -> None:
+        """Log a change of what keeps this node from being ready, once."""
+        if problems != self._last_problems:
+            for problem in problems:
+                if problem not in self._last_problems:
+                    log.error("dataplane not ready: %s", problem)
+            if not problems:
+                log.info("dataplane in sync")
+        self._last_problems = problems
+        self.problems = problems
+
+
+def uninstall(lib_dir: Path, env: Mapping[str, str]) -> list[str]:
+    """Remove what Felix put on this host: its routes, devices, nat chains, ipsets and the
+    mtu file (what Calico's uninstall leaves behind, it leaves nothing of)."""
+    config = FelixConfig.resolve(env, {}, {})
+    removed: list[str] = []
+    with IPRoute() as ipr:
+        links = netlink.links(ipr)
+        owned = (*VXLAN_DEVICE.values(), IPIP_DEVICE)
+        count = routes.remove_owned(ipr, links, config.felix_route_protocol, owned)
+        if count:
+            removed.append(f"{count} routes")
+        removed += vxlan.remove_devices(ipr, links)
+        removed += ipip.IPIPManager(ipr).apply(None, links)
+    removed += nat.remove_all()
+    if mtu.remove_file(lib_dir / "mtu"):
+        removed.append(str(lib_dir / "mtu"))
+    return removed
