@@ -8,16 +8,15 @@ Routes must survive every restart (calico-node.md §1.5, feasibility.md §A):
   Cease (killed) or with BIRD's own `graceful restart` command, they keep its routes for
   the restart time.
 - BIRD is its own session, not tied to the daemon: a daemon killed with `kill -9` leaves
-  it running, and the next daemon adopts it (BIRD holds an flock on its pid file, so a
-  live one is known for sure) instead of restarting it. Only a daemon's SIGTERM stops
-  BIRD, with `graceful restart`.
+  it running, and the next daemon adopts it (found by its pid file, command line and
+  answering socket) instead of restarting it. Only a daemon's SIGTERM stops BIRD, with
+  `graceful restart`.
 Processes are watched through pidfds, which work for an adopted BIRD as for a child.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
@@ -42,22 +41,18 @@ class BirdFailed(Exception):
     """BIRD did not start, or refused a reload."""
 
 
-def _live_pid(pid_file: Path) -> int | None:
-    """The pid of the BIRD holding `pid_file`'s lock, None when no BIRD holds it."""
+def running_bird(paths: NodePaths) -> int | None:
+    """The pid of the BIRD serving `paths`' socket, None when none runs. BIRD 2 does not
+    lock its pid file, so the pid is believed only if that process is a `bird` with our
+    control socket on its command line (pids get reused)."""
     try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        text = paths.bird_pid_file.read_text().strip()
+        argv = Path(f"/proc/{int(text)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
         return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    if os.path.basename(argv[0]) != b"bird" or os.fsencode(paths.bird_socket) not in argv:
         return None
-    finally:
-        os.close(fd)
+    return int(text)
 
 
 class Bird:
@@ -83,7 +78,7 @@ class Bird:
     def start(self) -> None:
         """Adopt the BIRD a previous daemon left running, or start one; then watch it."""
         with self._lock:
-            pid = _live_pid(self.paths.bird_pid_file)
+            pid = running_bird(self.paths)
             if pid is not None and self._answers():
                 self._watch_pid(pid, None)
                 log.info("Adopted the running BIRD (pid %d)", pid)

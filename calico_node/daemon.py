@@ -23,7 +23,6 @@ thread) to be applied again. Its health counts towards `-felix-ready` automatica
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -31,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from calico_node import startup
+from calico_node import instance, startup
 from calico_node.config import NodeConfig
 from calico_node.health import HealthServer, Status
 from calico_node.paths import NodePaths
@@ -60,35 +59,9 @@ class NodeContext:
     paths: NodePaths
 
 
-def _hold_lock(paths: NodePaths) -> int:
-    """One calico-node per CALICO_RUN_DIR; the file holds its pid."""
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.daemon_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DaemonError(f"calico-node is already running for {paths.run_dir}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
 def running_pid(paths: NodePaths) -> int | None:
-    """The pid of the calico-node serving `paths`, None when none runs (its flock)."""
-    try:
-        fd = os.open(paths.daemon_lock, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else 0
-        return None
-    finally:
-        os.close(fd)
+    """The pid of the calico-node serving `paths`, None when none runs."""
+    return instance.locked_pid(paths.daemon_lock)
 
 
 class Daemon:
@@ -176,7 +149,10 @@ class Daemon:
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
-        lock_fd = _hold_lock(self.paths)
+        try:
+            lock_fd = instance.hold(self.paths.daemon_lock)
+        except instance.AlreadyRunning:
+            raise DaemonError(f"calico-node is already running for {self.paths.run_dir}") from None
         health = HealthServer(self.paths.health_socket, self.status)
         try:
             health.start()

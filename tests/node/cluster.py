@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from libcalico.datastore.base import Datastore, KVPair
+from libcalico.datastore.config import DatastoreSettings
+from libcalico.model import BlockAffinityListOptions, IPPool, IPPoolSpec, ObjectMeta, ResourceKey
 from tests.harness import CNIResult, Netns, bin_dir, pod_args, run_plugin, sh, unique, wait_for
+from tests.node.relay import LoopbackRelay
 
 CONVERGE_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 120.0
@@ -264,7 +268,11 @@ class Cluster:
         subnet: str = "172.31.200.0/24",
         pool_cidr: str = "10.244.0.0/16",
         home: Path | None = None,
+        relay_ports: list[int] | None = None,
     ) -> None:
+        """`relay_ports`: the host-loopback ports of the datastore's servers, which the
+        nodes reach at the same address through a LoopbackRelay."""
+        self.relay = LoopbackRelay(relay_ports) if relay_ports else None
         self.datastore_env = datastore_env
         self.netconf = netconf
         self.subnet = ipaddress.ip_network(subnet)
@@ -296,6 +304,8 @@ class Cluster:
         index = len(self.nodes) + 1
         name = name or f"node{index}"
         netns = Netns.create("cnn")
+        if self.relay is not None:
+            self.relay.add_netns(netns.path)
         ip = str(self.subnet.network_address + index)
         port = f"p{index}-{netns.name[-8:]}"[:15]
         sh(
@@ -329,6 +339,58 @@ class Cluster:
             node.start()
         return node
 
+    def store(self) -> Datastore:
+        """A client of the cluster's datastore, as an operator's tool would open it."""
+        return DatastoreSettings.resolve({}, self.datastore_env).connect()
+
+    def add_pool(self, name: str, cidr: str, **spec: object) -> None:
+        pool = IPPool(ObjectMeta(name), IPPoolSpec.from_json({"cidr": cidr, **spec}))
+        with self.store() as store:
+            store.create(KVPair(ResourceKey("IPPool", name), pool))
+
+    def affine_blocks(self) -> dict[str, list[str]]:
+        """Confirmed blocks by node name."""
+        blocks: dict[str, list[str]] = {}
+        with self.store() as store:
+            for kvp in store.list(BlockAffinityListOptions()):
+                if kvp.value.is_confirmed():
+                    blocks.setdefault(kvp.key.host, []).append(str(kvp.key.cidr))
+        return blocks
+
+    def routing_problems(
+        self, nodes: list[SimNode] | None = None, borrowed: dict[str, SimNode] | None = None
+    ) -> list[str]:
+        """How the nodes' `proto bird` routes differ from one route per other node's block
+        via that node, a blackhole per own block, and a /32 via the borrower for each
+        `borrowed` address (empty when converged): nothing else, no other /32."""
+        nodes = self.nodes if nodes is None else nodes
+        blocks = self.affine_blocks()
+        problems = []
+        for node in nodes:
+            routes = node.bird_routes()
+            wanted: dict[str, tuple[str, str]] = {}
+            for other in nodes:
+                for cidr in blocks.get(other.name, []):
+                    if other is node:
+                        wanted[cidr] = ("blackhole", "")
+                    else:
+                        wanted[cidr] = ("unicast", other.ip)
+            for ip, borrower in (borrowed or {}).items():
+                if borrower is not node:
+                    wanted[ip] = ("unicast", borrower.ip)
+            for cidr, (kind, via) in wanted.items():
+                route = routes.get(cidr)
+                if route is None:
+                    problems.append(f"{node.name}: no route to {cidr}")
+                elif route.get("type", "unicast") != kind or route.get("gateway", "") != via:
+                    problems.append(f"{node.name}: {cidr} is {route}, wanted {kind} {via}")
+                elif kind == "unicast" and route.get("dev") != "eth0":
+                    problems.append(f"{node.name}: {cidr} via {route.get('dev')}")
+            for dst in routes:
+                if dst not in wanted:
+                    problems.append(f"{node.name}: unexpected route {routes[dst]}")
+        return problems
+
     def node(self, name: str) -> SimNode:
         return next(n for n in self.nodes if n.name == name)
 
@@ -351,5 +413,7 @@ class Cluster:
             for node in self.nodes:
                 node.destroy()
         finally:
+            if self.relay is not None:
+                self.relay.close()
             self.fabric.delete()
             shutil.rmtree(self.home, ignore_errors=True)
