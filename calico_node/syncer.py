@@ -179,13 +179,13 @@ class ConsumerRunner:
         self._retry_at: float | None = None
         self._applied_at = 0.0
         self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(
+        self.thread = threading.Thread(
             target=self._loop, name=f"consumer-{self.consumer.name}", daemon=True
         )
-        self._thread.start()
+        self.thread.start()
 
     def offer(self, snapshot: Snapshot) -> None:
         with self._wake:
@@ -202,8 +202,8 @@ class ConsumerRunner:
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(30)
+        if self.thread is not None:
+            self.thread.join(30)
         self.consumer.stop()
 
     @property
@@ -287,6 +287,11 @@ class Syncer:
             self._thread.join(30)
         for runner in self.runners:
             runner.stop()
+
+    def alive(self) -> bool:
+        """The watch thread and every consumer's thread still run."""
+        threads = [self._thread, *(r.thread for r in self.runners)]
+        return all(t is not None and t.is_alive() for t in threads)
 
     @property
     def in_sync(self) -> bool:

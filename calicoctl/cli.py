@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "calico") -> argparse.ArgumentParser:
-    from calicoctl import commands, ipam
+    from calicoctl import commands, ipam, node_status
 
     parser = _Parser(
         prog=prog,
@@ -54,6 +54,8 @@ def build_parser(prog: str = "calico") -> argparse.ArgumentParser:
         datastore,
     )
     ipam.register(sub.add_parser("ipam", help="inspect and repair IP address use"), datastore)
+    node = sub.add_parser("node", help="this node's calico-node")
+    node_status.register(node.add_subparsers(metavar="COMMAND", required=True))
     # Served before this parser runs (entry.run_command_line); listed here for --help.
     sub.add_parser("agent", help="run the node agent that serves CNI requests")
     return parser

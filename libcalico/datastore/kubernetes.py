@@ -389,22 +389,48 @@ class KubernetesDatastore(Datastore):
         return kvp
 
     def list(self, options: ListOptions) -> list[KVPair]:
+        return self.list_versioned(options)[0]
+
+    def list_versioned(self, options: ListOptions) -> tuple[list[KVPair], str]:
+        """The pairs, and the collection's resourceVersion to watch from (watch.py)."""
         codec, selector = _list_plan(options)
         pairs = []
-        for obj in self._list_objects(codec, selector):
+        version: list[str] = []
+        for obj in self._list_objects(codec, selector, version):
             kvp = self._decode(codec, obj)
             if _selected(options, kvp.key) and not self._marked_deleted(codec, kvp):
                 pairs.append(kvp)
-        return pairs
+        return pairs, version[0] if version else ""
 
-    def _list_objects(self, codec: Codec, selector: str) -> Iterator[dict[str, Any]]:
-        """Every object of the collection, in pages (the API server's `continue` token)."""
+    def watch_target(self, options: ListOptions) -> tuple[str, str]:
+        """(collection path, label selector) a watch of `options` follows."""
+        codec, selector = _list_plan(options)
+        return codec.collection(), selector
+
+    def decode_watched(self, options: ListOptions, obj: dict[str, Any]) -> KVPair | None:
+        """A watched object as a pair (value None when it is marked deleted), or None when
+        `options` does not select it."""
+        codec = _list_plan(options)[0]
+        kvp = self._decode(codec, obj)
+        if not _selected(options, kvp.key):
+            return None
+        if self._marked_deleted(codec, kvp):
+            kvp.value = None
+        return kvp
+
+    def _list_objects(
+        self, codec: Codec, selector: str, version: list[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every object of the collection, in pages (the API server's `continue` token);
+        the first page's resourceVersion, the list's, is appended to `version`."""
         query = {"limit": str(LIST_PAGE)}
         if selector:
             query["labelSelector"] = selector
         while True:
             text = "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
             page = self.client.get(codec.collection(), text)
+            if version is not None and not version:
+                version.append((page.get("metadata") or {}).get("resourceVersion") or "")
             yield from page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
