@@ -129,6 +129,9 @@ class NodeConfig:
             datastore = DatastoreSettings.resolve({}, env)
         except Exception as err:
             raise ConfigError(str(err)) from err
+        from calico_node.felix.config import FelixConfig
+
+        FelixConfig.resolve(env, {}, {})  # a bad FELIX_* stops the start, naming it
         return cls(
             nodename_env=env.get("NODENAME", "").strip(),
             ip=env.get("IP", "").strip(),

@@ -8,7 +8,9 @@ What runs, in order (as real calico-node's runit services do, in one process):
    consumers, each in its own thread:
    - confd (confd/): BIRD's configuration rendered from the snapshot, BIRD (bird.py)
      started once there is one and reloaded when the text changes;
-   - Felix-style dataplane managers (issue 13: VXLAN, routes, NAT, MTU);
+   - the tunnel addresses (allocateip.py): the node's VXLAN/IPIP addresses from IPAM;
+   - Felix (felix/): the dataplane (VXLAN devices and peers, routes, natOutgoing, the
+     MTU file), re-checked on netlink events and every refresh interval;
 4. the health endpoint (health.py) the `-felix-*` / `-bird-*` probes query.
 
 Adding a Felix-style manager: subclass `syncer.Consumer` in its own module under
@@ -73,7 +75,11 @@ class Daemon:
         self.nodename = ""
 
     def _consumers(self, node: NodeContext) -> list[Consumer]:
-        consumers: list[Consumer] = []
+        from calico_node.allocateip import TunnelAddresses
+        from calico_node.felix.dataplane import Felix
+
+        self.felix = Felix(node)
+        consumers: list[Consumer] = [TunnelAddresses(node), self.felix]
         if self.config.networking_backend == "bird":
             from calico_node.confd.consumer import Confd
 
@@ -182,6 +188,7 @@ class Daemon:
         serving.start()
         watcher = open_watcher(self.config.datastore, SELECTIONS)
         self.syncer = Syncer(watcher, self._consumers(node))
+        self.felix.watch_netlink(self.syncer.runner(self.felix.name).kick)
         try:
             self.syncer.start()
             self._stopping.wait()
