@@ -69,6 +69,9 @@ class SimNode:
     pods: list[Pod] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    def ip_in(self, network: ipaddress.IPv4Network) -> bool:
+        return ipaddress.ip_address(self.ip) in network
+
     # -- paths
 
     @property
@@ -136,9 +139,14 @@ class SimNode:
                 raise AssertionError(
                     f"calico-node {self.name} exited {self.proc.returncode}:\n{self.log()[-4000:]}"
                 )
-            return (self.run_dir / "cni-agent.sock").exists() and self.bird_answers()
+            serving = (self.run_dir / "cni-agent.sock").exists()
+            return serving and (not self.runs_bird or self.bird_answers())
 
         wait_for(up, f"calico-node {self.name} to start", START_TIMEOUT_S)
+
+    @property
+    def runs_bird(self) -> bool:
+        return self.env().get("CALICO_NETWORKING_BACKEND", "bird") == "bird"
 
     def bird_answers(self) -> bool:
         return self.birdc("show status", check=False).returncode == 0
@@ -228,7 +236,9 @@ class SimNode:
             "name": "k8s-pod-network",
             "type": "calico",
             "nodename_file": str(self.lib_dir / "nodename"),
-            "mtu": 1400,
+            # pod_mtu None: the MTU file calico-node writes decides (Calico's default).
+            **({"mtu": self.cluster.pod_mtu} if self.cluster.pod_mtu else {}),
+            "mtu_file_path": str(self.lib_dir / "mtu"),
             "log_level": "info",
             "ipam": ipam or {"type": "calico-ipam"},
             "ipam_lock_file": str(self.run_dir / "ipam.lock"),
@@ -269,12 +279,14 @@ class Cluster:
         pool_cidr: str = "10.244.0.0/16",
         home: Path | None = None,
         relay_ports: list[int] | None = None,
+        pod_mtu: int | None = 1400,
     ) -> None:
         """`relay_ports`: the host-loopback ports of the datastore's servers, which the
         nodes reach at the same address through a LoopbackRelay."""
         self.relay = LoopbackRelay(relay_ports) if relay_ports else None
         self.datastore_env = datastore_env
         self.netconf = netconf
+        self.pod_mtu = pod_mtu
         self.subnet = ipaddress.ip_network(subnet)
         self.pool_cidr = pool_cidr
         self.home = home or Path(tempfile.mkdtemp(prefix="cnode-", dir="/tmp"))
@@ -282,6 +294,7 @@ class Cluster:
         self.bridge = "br0"
         sh("ip", "-n", self.fabric.name, "link", "add", self.bridge, "type", "bridge")
         sh("ip", "-n", self.fabric.name, "link", "set", self.bridge, "up")
+        self.subnets = [(self.subnet, self.bridge)]
         self.nodes: list[SimNode] = []
         self.cni_bin = self.home / "cni-bin"
         self.cni_bin.mkdir()
@@ -300,13 +313,34 @@ class Cluster:
             **kw,
         )
 
-    def add_node(self, name: str = "", start: bool = True, **extra_env: str) -> SimNode:
+    def add_subnet(self, cidr: str) -> int:
+        """Another subnet on a bridge of its own, and the fabric netns made the router
+        between the subnets (each bridge gets the subnet's gateway address, the nodes'
+        default route): what CrossSubnet needs. Returns the index `add_node` takes."""
+        for network, bridge in self.subnets[:1]:
+            self._route_on(network, bridge)
+        network, bridge = ipaddress.ip_network(cidr), f"br{len(self.subnets)}"
+        sh("ip", "-n", self.fabric.name, "link", "add", bridge, "type", "bridge")
+        sh("ip", "-n", self.fabric.name, "link", "set", bridge, "up")
+        self._route_on(network, bridge)
+        self.fabric.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.subnets.append((network, bridge))
+        return len(self.subnets) - 1
+
+    def _route_on(self, network: ipaddress.IPv4Network, bridge: str) -> None:
+        gateway = f"{network.broadcast_address - 1}/{network.prefixlen}"
+        sh("ip", "-n", self.fabric.name, "addr", "replace", gateway, "dev", bridge)
+
+    def add_node(
+        self, name: str = "", start: bool = True, subnet: int = 0, **extra_env: str
+    ) -> SimNode:
         index = len(self.nodes) + 1
         name = name or f"node{index}"
         netns = Netns.create("cnn")
         if self.relay is not None:
             self.relay.add_netns(netns.path)
-        ip = str(self.subnet.network_address + index)
+        network, bridge = self.subnets[subnet]
+        ip = str(network.network_address + 1 + sum(n.ip_in(network) for n in self.nodes))
         port = f"p{index}-{netns.name[-8:]}"[:15]
         sh(
             "ip",
@@ -323,17 +357,15 @@ class Cluster:
             "netns",
             netns.name,
         )
-        sh("ip", "-n", self.fabric.name, "link", "set", port, "master", self.bridge, "up")
-        sh("ip", "-n", netns.name, "addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", "eth0")
+        sh("ip", "-n", self.fabric.name, "link", "set", port, "master", bridge, "up")
+        sh("ip", "-n", netns.name, "addr", "add", f"{ip}/{network.prefixlen}", "dev", "eth0")
         sh("ip", "-n", netns.name, "link", "set", "eth0", "up")
-        gateway = str(self.subnet.broadcast_address - 1)
+        gateway = str(network.broadcast_address - 1)
         sh("ip", "-n", netns.name, "route", "add", "default", "via", gateway)
         netns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         home = self.home / name
         home.mkdir()
-        node = SimNode(
-            name, netns, ip, self.subnet.prefixlen, home, self, extra_env=dict(extra_env)
-        )
+        node = SimNode(name, netns, ip, network.prefixlen, home, self, extra_env=dict(extra_env))
         self.nodes.append(node)
         if start:
             node.start()
