@@ -76,6 +76,7 @@ class PoolView:
     vxlan: bool
     ipip: bool
     disable_bgp_export: bool
+    ipip_cross_subnet: bool = False
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,7 @@ def bird_view(snapshot: Snapshot, nodename: str, router_id_setting: str = "") ->
                 vxlan=spec.vxlan_mode != "Never",
                 ipip=spec.ipip_mode != "Never",
                 disable_bgp_export=spec.disable_bgp_export,
+                ipip_cross_subnet=spec.ipip_mode == "CrossSubnet",
             )
         )
     for cidr, affinity in snapshot.affine_blocks(nodename):

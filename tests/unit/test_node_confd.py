@@ -140,6 +140,22 @@ def test_pools_export_and_kernel_rules(tmp_path: Path) -> None:
     assert re.search(r"net ~ 10\.245\.0\.0/16 \) then \{\n\s+# Don't program VXLAN routes", kernel)
 
 
+def test_ipip_pools_leave_the_tunnel_to_felix(tmp_path: Path) -> None:
+    """IPIP as far as BIRD 2 goes: CrossSubnet peers in this node's subnet are programmed
+    by BIRD (no tunnel needed), everything that needs tunl0 is rejected for Felix."""
+    pools = [
+        pool("always", "10.244.0.0/16", ipipMode="Always"),
+        pool("cross", "10.245.0.0/16", ipipMode="CrossSubnet"),
+    ]
+    ipam = checked(tmp_path, snapshot(THREE, pools=pools), "a")["bird_ipam.cfg"]
+    kernel = ipam[ipam.index("filter calico_kernel_programming") :]
+    always = kernel[kernel.index("net ~ 10.244.0.0/16") : kernel.index("net ~ 10.245.0.0/16")]
+    assert "bgp_next_hop" not in always and "reject;" in always
+    cross = kernel[kernel.index("net ~ 10.245.0.0/16") :]
+    same_subnet = "if defined(bgp_next_hop) && ( bgp_next_hop ~ 10.0.0.0/24 ) then accept;"
+    assert cross.index(same_subnet) < cross.index("reject;")
+
+
 def test_seed_route_reflector(tmp_path: Path) -> None:
     """calico-node.md §1.6a: the RR peers with every client (rr client), the clients only
     with the RR; the mesh is off everywhere; AS 63400."""
