@@ -78,11 +78,23 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _dataplane_warnings(paths: NodePaths) -> list[str]:
+    """What keeps Felix from being ready (IPIP on a kernel without it...), from the daemon's
+    health endpoint: lines real calicoctl does not print (it would show the node as fine)."""
+    from calico_node import health
+
+    try:
+        reasons = health.query(paths.health_socket).get("reasons") or []
+    except (OSError, ValueError):
+        return []
+    return [f"WARNING: dataplane not ready: {r[7:]}" for r in reasons if r.startswith("felix: ")]
+
+
 def report(paths: NodePaths) -> tuple[int, str]:
     """(exit code, what `calicoctl node status` prints)."""
     if locked_pid(paths.daemon_lock) is None:
         return 1, "Calico process is not running.\n"
-    out = ["Calico process is running."]
+    out = ["Calico process is running.", *_dataplane_warnings(paths)]
     try:
         peers = birdctl.peers(paths.bird_socket)
     except birdctl.BirdError as err:
