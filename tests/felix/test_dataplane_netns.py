@@ -158,3 +158,29 @@ def test_uninstall_leaves_nothing(lone_node: LoneNode) -> None:
     assert not [r for r in kernel.nat_rules(ns) if "cali" in r]
     assert not [s for s in kernel.ipsets(ns) if s.startswith("cali")]
     assert not (lone_node.lib_dir / "mtu").exists()
+
+
+def test_ipv6_vxlan(lone_node: LoneNode) -> None:
+    ns = lone_node.netns
+    sh("ip", "-n", ns.name, "-6", "addr", "add", "fd00:5::2/64", "dev", "eth0", "nodad")
+    nodes = [
+        node("n1", "fd00:5::2/64", ipv6VXLANTunnelAddr="fd00:65::"),
+        node("n2", "fd00:5::3/64", ipv6VXLANTunnelAddr="fd00:65::40"),
+    ]
+    pools = [pool("v6", "fd00:65::/48", vxlanMode="Always")]
+    blocks = [block("fd00:65::/122", "n1", o0="n1"), block("fd00:65::40/122", "n2", o0="n2")]
+    felix = felix_for(lone_node)
+    apply(lone_node, felix, snapshot(nodes, pools, blocks))
+    link = kernel.vxlan_link(ns, "vxlan-v6.calico")
+    assert (link["vni"], link["local"], link["mtu"], link["mac"]) == (
+        4096, "fd00:5::2", 1430, vtep_mac("n1", 6),
+    )  # fmt: skip
+    assert kernel.vxlan_link(ns) is None  # no IPv4 VXLAN pool: no vxlan.calico
+    assert kernel.addresses(ns, "vxlan-v6.calico") == ["fd00:65::/128"]
+    assert kernel.neighbours(ns, "vxlan-v6.calico", 6) == {"fd00:65::40": vtep_mac("n2", 6)}
+    assert kernel.fdb(ns, "vxlan-v6.calico") == {vtep_mac("n2", 6): "fd00:5::3"}
+    assert kernel.routes(ns, 6) == {
+        "blackhole fd00:65::/122 dev lo proto 80 metric 1024 pref medium",
+        "fd00:65::40/122 via fd00:65::40 dev vxlan-v6.calico metric 1024 onlink pref medium",
+    }
+    assert (lone_node.lib_dir / "mtu").read_text() == "1430"
