@@ -4,6 +4,7 @@
     calico-node -felix-live -bird-live        liveness probe
     calico-node -felix-ready -bird-ready      readiness probe [-threshold-time 30s]
     calico-node -v                            version
+    calico-node -uninstall                    remove what calico-node put on this host
 
 Flags take one dash, as calico-node's Go flags do (two work too).
 """
@@ -18,7 +19,7 @@ from calico_node import VERSION
 PROBES = ("felix-live", "felix-ready", "bird-live", "bird-ready")
 USAGE = (
     "usage: calico-node [-felix-live] [-felix-ready] [-bird-live] [-bird-ready] "
-    "[-threshold-time DURATION] [-v]"
+    "[-threshold-time DURATION] [-v] | -uninstall"
 )
 
 
@@ -56,6 +57,8 @@ def parse(argv: list[str]) -> tuple[list[str], float, bool]:
                     raise UsageError("calico-node: -threshold-time needs a value")
                 value = args.pop(0)
             threshold = _duration(value)
+        elif name == "uninstall":
+            checks.append(name)
         elif name in ("v", "version"):
             version = True
         elif name in ("h", "help"):
@@ -81,6 +84,13 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"calico-node: {err}", file=sys.stderr)
         return 1
+    if "uninstall" in checks:
+        if checks != ["uninstall"]:
+            print(f"calico-node: -uninstall goes alone\n{USAGE}", file=sys.stderr)
+            return 2
+        from calico_node.uninstall import run
+
+        return run(config)
     if checks:
         from calico_node.health import probe
 

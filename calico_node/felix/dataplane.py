@@ -202,14 +202,15 @@ class Felix(Consumer):
 
 
 def uninstall(lib_dir: Path, env: Mapping[str, str]) -> list[str]:
-    """Remove what Felix put on this host: its routes, devices, nat chains, ipsets and the
-    mtu file (what Calico's uninstall leaves behind, it leaves nothing of)."""
+    """Remove what Felix put on this host: its routes (and BIRD's, which `persist` leaves),
+    devices, nat chains, ipsets and the mtu file."""
     config = FelixConfig.resolve(env, {}, {})
     removed: list[str] = []
     with IPRoute() as ipr:
         links = netlink.links(ipr)
         owned = (*VXLAN_DEVICE.values(), IPIP_DEVICE)
-        count = routes.remove_owned(ipr, links, config.felix_route_protocol, owned)
+        protocols = {config.felix_route_protocol, routes.RTPROT_BIRD}
+        count = routes.remove_owned(ipr, links, protocols, owned)
         if count:
             removed.append(f"{count} routes")
         removed += vxlan.remove_devices(ipr, links)

@@ -27,6 +27,7 @@ from libcalico.model import IPNetwork
 log = logging.getLogger("felix")
 
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTPROT_BIRD = 12
 DEFAULT_METRIC = {4: 0, 6: 1024}  # what the kernel records for a route given none
 LOG_EACH_UP_TO = 20
 
@@ -198,17 +199,18 @@ class RouteManager:
 
 
 def remove_owned(
-    ipr: IPRoute, links: Mapping[str, Link], felix_proto: int, owned: Iterable[str]
+    ipr: IPRoute, links: Mapping[str, Link], protocols: set[int], owned: Iterable[str]
 ) -> int:
-    """Uninstall: every route Felix owns, in both families; returns how many."""
+    """Uninstall: every route on `owned` devices or with one of `protocols`, in both
+    families; returns how many."""
     indexes = {link.name: link.index for link in links.values()}
     names = {index: name for name, index in indexes.items()}
     devices = tuple(owned)
     changes = [
         _message(k.route, indexes, add=False, metric=k.metric)
         for version in (4, 6)
-        for k in _kernel_routes(ipr, version, names, felix_proto, devices)
-        if k.owned
+        for k in _kernel_routes(ipr, version, names, -1, devices)
+        if k.owned or k.route.protocol in protocols
     ]
     netlink.send_batch(ipr, changes)
     return len(changes)

@@ -70,9 +70,14 @@ def outgoing_rules(node: SimNode) -> list[str]:
 def test_nat_outgoing_and_repair(clusters: ClusterFactory) -> None:
     cluster = clusters()
     sh("ip", "-n", cluster.fabric.name, "addr", "add", f"{FAR_END}/24", "dev", cluster.bridge)
-    n1, n2 = cluster.add_node(**ENV), cluster.add_node(**ENV)
+    # node2 with CALICO_NETWORKING_BACKEND=none: no BIRD either, Felix all the same.
+    n1, n2 = (
+        cluster.add_node(**ENV),
+        cluster.add_node(**{**ENV, "CALICO_NETWORKING_BACKEND": "none"}),
+    )
     pods = [n1.add_pod(), n2.add_pod()]
     cluster.wait(lambda: all_reach(pods), "pods to reach each other")
+    assert not n2.bird_socket.exists() and kernel.vxlan_link(n2.netns) is not None
 
     # natOutgoing (the default pool has it): the far end sees the node.
     cluster.wait(lambda: len(outgoing_rules(n1)) == 1, "the natOutgoing rule")

@@ -2,7 +2,8 @@
 nodes, a vxlanMode Always pool; pods on every node reach pods on every other; the fabric
 carries nothing between the nodes but VXLAN (UDP 4789, VNI 4096) among node addresses;
 the tunnel addresses are IPAM allocations `calicoctl ipam show` counts; the MTU file and a
-new pod's interface say 1450 on the 1500 underlay; the node is ready."""
+new pod's interface say 1450 on the 1500 underlay; the node is ready; `calico-node
+-uninstall` on a stopped node leaves none of it."""
 
 from __future__ import annotations
 
@@ -91,3 +92,17 @@ def test_vxlan_always_three_nodes(clusters: ClusterFactory) -> None:
     assert link["mtu"] == 1450
     ready = nodes[0].calico_node("-felix-ready")
     assert ready.returncode == 0, ready
+
+    # Uninstall: refused while calico-node runs; the dataplane survives a stop; then gone.
+    refused = nodes[0].calico_node("-uninstall")
+    assert refused.returncode == 1 and "stop it first" in refused.stderr, refused
+    assert nodes[0].stop() == 0
+    ns = nodes[0].netns
+    assert kernel.vxlan_link(ns) is not None and (nodes[0].lib_dir / "mtu").exists()
+    done = nodes[0].calico_node("-uninstall")
+    assert done.returncode == 0 and "removed vxlan.calico" in done.stdout, done
+    assert kernel.vxlan_link(ns) is None
+    assert not [r for r in kernel.routes(ns) if "proto 80" in r or "vxlan" in r]
+    assert not [r for r in kernel.nat_rules(ns) if "cali" in r]
+    assert not [s for s in kernel.ipsets(ns) if s.startswith("cali")]
+    assert not (nodes[0].lib_dir / "mtu").exists()
