@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from calico_node.felix import ipip, mtu, nat, netlink, routes, vxlan
-from calico_node.felix.config import FelixConfig
+from calico_node.felix.config import DEFAULT_MTU_IFACE_PATTERN, FelixConfig
 from calico_node.felix.model import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
@@ -38,6 +40,7 @@ from calico_node.felix.model import (
 from calico_node.felix.monitor import NetlinkMonitor
 from calico_node.felix.netlink import IPRoute, Link
 from calico_node.syncer import Consumer, NotReady, Snapshot
+from libcalico.model import IPNetwork
 
 if TYPE_CHECKING:
     from calico_node.daemon import NodeContext
@@ -55,6 +58,46 @@ def _own_addresses(snapshot: Snapshot, nodename: str) -> dict[int, str]:
     return found
 
 
+class _Watched:
+    """Which netlink events concern the dataplane Felix last computed (monitor.py)."""
+
+    def __init__(self) -> None:
+        self.devices: set[int] = set()  # link indexes of Felix's devices
+        self.felix_proto = 80
+        self.destinations: set[IPNetwork] = set()
+        self.parents: set[str] = set()
+        self.mtu_pattern = re.compile(DEFAULT_MTU_IFACE_PATTERN)
+
+    def update(self, want: Dataplane, config: FelixConfig, host: HostFacts) -> None:
+        self.felix_proto = config.felix_route_protocol
+        self.destinations = {dst for routes in want.routes.values() for dst in routes}
+        self.parents = set(host.parents.values())
+        self.mtu_pattern = re.compile(config.mtu_iface_pattern)
+
+    def relevant(self, msg: Any) -> bool:
+        event = msg["event"]
+        if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+            if (msg.get_attr("RTA_TABLE") or msg["table"]) != netlink.RT_TABLE_MAIN:
+                return False
+            if msg["proto"] == self.felix_proto or msg.get_attr("RTA_OIF") in self.devices:
+                return True
+            dst = msg.get_attr("RTA_DST")
+            return dst is not None and ipaddress.ip_network(f"{dst}/{msg['dst_len']}") in (
+                self.destinations
+            )
+        if event in ("RTM_NEWLINK", "RTM_DELLINK"):
+            name = msg.get_attr("IFLA_IFNAME") or ""
+            return (
+                msg["index"] in self.devices
+                or name in self.parents
+                or name in (*VXLAN_DEVICE.values(), IPIP_DEVICE)
+                or bool(self.mtu_pattern.search(name))
+            )
+        if event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):  # neighbour and FDB entries
+            return msg["ifindex"] in self.devices
+        return msg["index"] in self.devices  # addresses
+
+
 class Felix(Consumer):
     name = "felix"
 
@@ -68,10 +111,16 @@ class Felix(Consumer):
         self._ipr: IPRoute | None = None
         self._route_manager: routes.RouteManager | None = None  # keeps what it programmed
         self._port: int | None = None
-        self._device_indexes: set[int] = set()
         self._warned: set[str] = set()
         self._monitor: NetlinkMonitor | None = None
-        self._nat_checked: tuple[int, float, FelixConfig | None] = (-1, 0.0, None)
+        # Read the kernel back (resync) when it changed behind our back or the refresh is due;
+        # otherwise a pass only writes what the data changed.
+        self._dirty = threading.Event()
+        self._dirty.set()
+        self._resynced_at = 0.0
+        self._nat_checked_at = 0.0
+        self._applied: dict[str, object] = {}  # what each manager last converged to
+        self._watch = _Watched()
         self._last_problems: tuple[str, ...] = ()
         self.dataplane: Dataplane | None = None  # the last desired state (status, tests)
         self.problems: tuple[str, ...] = ()
@@ -80,7 +129,12 @@ class Felix(Consumer):
 
     def watch_netlink(self, kick: Callable[[], None]) -> None:
         """Re-apply soon after relevant netlink events (call once the runner exists)."""
-        self._monitor = NetlinkMonitor(kick, lambda: self._port, lambda: self._device_indexes)
+
+        def changed() -> None:
+            self._dirty.set()
+            kick()
+
+        self._monitor = NetlinkMonitor(changed, lambda: self._port, self._watch.relevant)
         self._monitor.start()
 
     def stop(self) -> None:
@@ -102,7 +156,7 @@ class Felix(Consumer):
         if messages:
             self._port = messages[0]["header"]["pid"]  # our port id: our own events' mark
         found = {link.name: link for link in map(Link.parse, messages)}
-        self._device_indexes = {
+        self._watch.devices = {
             found[n].index for n in (*VXLAN_DEVICE.values(), IPIP_DEVICE) if n in found
         }
         return found
@@ -118,6 +172,11 @@ class Felix(Consumer):
             self._warned,
         )
         self.refresh_interval = config.refresh_interval
+        now = time.monotonic()
+        resync = self._dirty.is_set() or now - self._resynced_at >= config.route_refresh_interval
+        if resync:
+            self._dirty.clear()
+            self._resynced_at = now
         ipr = self._socket()
         route_manager = self._route_manager
         assert route_manager is not None
@@ -136,35 +195,46 @@ class Felix(Consumer):
         )
         want = desired_dataplane(snapshot, me, config, self.backend, host)
         self.dataplane = want
+        self._watch.update(want, config, host)
         problems += want.waiting
 
-        def step(what: str, run: Callable[[], list[str]]) -> None:
+        def step(what: str, inputs: object, force: bool, run: Callable[[], list[str]]) -> None:
+            """Run a manager unless its inputs are what it last converged to (and the
+            kernel is not to be read back); remember them when it succeeds."""
+            if not force and self._applied.get(what) == inputs:
+                return
             try:
                 fixed.extend(run())
             except Exception as err:
                 log.debug("%s failed", what, exc_info=True)
                 problems.append(f"{what}: {err}")
+                self._applied.pop(what, None)
+                return
+            self._applied[what] = inputs
 
-        step("VXLAN", lambda: vxlan.VXLANManager(ipr).apply(want.vxlan, links))
+        step("VXLAN", want.vxlan, resync, lambda: vxlan.VXLANManager(ipr).apply(want.vxlan, links))
         links = self._links()
         if supported:
-            step("IPIP", lambda: ipip.IPIPManager(ipr).apply(want.ipip, links))
+            step("IPIP", want.ipip, resync, lambda: ipip.IPIPManager(ipr).apply(want.ipip, links))
         step(
             "routes",
+            None,
+            True,
             lambda: route_manager.apply(
-                want.routes, links, config.felix_route_protocol, want.owned_devices
+                want.routes, links, config.felix_route_protocol, want.owned_devices, resync
             ),
         )
-        if self._nat_due(snapshot, config):
-            before = len(problems)
-            step("natOutgoing", lambda: nat.MasqManager().apply(want.nat, config))
-            if len(problems) == before:
-                self._nat_checked = (snapshot.generation, time.monotonic(), config)
-        step("MTU file", lambda: self._mtu_file(want.mtu))
+        nat_due = now - self._nat_checked_at >= config.iptables_refresh_interval
+        if nat_due:
+            self._nat_checked_at = now
+        step("natOutgoing", (want.nat, config), nat_due,
+             lambda: nat.MasqManager().apply(want.nat, config))  # fmt: skip
+        step("MTU file", None, True, lambda: self._mtu_file(want.mtu))
         for line in fixed:
             log.info("dataplane: %s", line)
         self._report(tuple(problems))
         if problems:
+            self._dirty.set()  # the retry reads everything back
             raise NotReady("; ".join(problems))
 
     def _parents(self, ipr: IPRoute, links: dict[str, Link], snapshot: Snapshot) -> dict[int, str]:
@@ -175,14 +245,6 @@ class Felix(Consumer):
             if link is not None:
                 parents[version] = link.name
         return parents
-
-    def _nat_due(self, snapshot: Snapshot, config: FelixConfig) -> bool:
-        generation, at, checked_with = self._nat_checked
-        return (
-            generation != snapshot.generation
-            or checked_with != config
-            or time.monotonic() - at >= config.iptables_refresh_interval
-        )
 
     def _mtu_file(self, value: int) -> list[str]:
         if mtu.write_file(self.mtu_file, value):

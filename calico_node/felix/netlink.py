@@ -97,12 +97,15 @@ def request(msg: Any, kind: int, replace: bool) -> Any:
     return msg
 
 
-def send_batch(ipr: IPRoute, messages: Iterable[Any]) -> None:
-    """Send requests in batches; failures are not raised here: callers read the kernel
-    back and retry what is still missing one by one, for the exact error."""
+def send_batch(ipr: IPRoute, messages: Iterable[Any]) -> int:
+    """Send requests in batches; returns how many the kernel acknowledged. Failures are
+    not raised here: callers read the kernel back and retry what is still wrong one by
+    one, for the exact error."""
     pending = list(messages)
+    acked = 0
     for start in range(0, len(pending), BATCH):
-        ipr.nlm_request_batch(pending[start : start + BATCH], noraise=True)
+        acked += len(ipr.nlm_request_batch(pending[start : start + BATCH], noraise=True))
+    return acked
 
 
 def describe(err: NetlinkError) -> str:

@@ -6,8 +6,9 @@ tunl0 when Felix programs IPIP), except the kernel's own (`proto kernel`). Every
 (BIRD's `proto bird` routes, the CNI's `/32 dev cali*` routes) is left alone, unless it
 sits exactly where a Felix route must be, which `replace` then takes over.
 
-Missing and changed routes go out as one netlink batch; the kernel is read back and what
-is still wrong is retried one by one, so an error names the route and the kernel's reason.
+Missing and changed routes go out as one netlink batch; when the kernel refused some, it is
+read back and what is still wrong retried one by one, so an error names the route and the
+kernel's reason.
 """
 
 from __future__ import annotations
@@ -99,9 +100,14 @@ def _message(route: Route, indexes: Mapping[str, int], add: bool, metric: int = 
 
 
 class RouteManager:
+    """Keeps what it last read from or wrote to the kernel: a pass with `resync` False (the
+    kernel did not change behind its back, the refresh is not due) plans against that and
+    sends only the difference; reading 1,000 routes back costs ~200 ms in pyroute2 here."""
+
     def __init__(self, ipr: IPRoute) -> None:
         self.ipr = ipr
         self._programmed: set[Route] = set()  # what we put in place and saw there since
+        self._known: dict[int, list[KernelRoute]] = {}  # per family: the kernel, as we know it
 
     def apply(
         self,
@@ -109,6 +115,7 @@ class RouteManager:
         links: Mapping[str, Link],
         felix_proto: int,
         owned_devices: Iterable[str],
+        resync: bool = True,
     ) -> list[str]:
         """Converge every family in `desired`; returns what was fixed (for the log)."""
         indexes = {link.name: link.index for link in links.values()}
@@ -123,18 +130,37 @@ class RouteManager:
                 for r in routes.values()
                 if r.dst not in wanted
             ]
-            current = _kernel_routes(self.ipr, version, names, felix_proto, owned)
-            changes, notes = self._plan(version, wanted, current, indexes)
+            if resync or version not in self._known:
+                self._known[version] = _kernel_routes(self.ipr, version, names, felix_proto, owned)
+            changes, notes = self._plan(version, wanted, self._known[version], indexes)
             fixed += notes
-            if not changes:
-                self._programmed |= set(wanted.values())
-                continue
-            netlink.send_batch(self.ipr, changes)
-            errors += self._verify(version, wanted, indexes, names, felix_proto, owned)
+            if changes and netlink.send_batch(self.ipr, changes) < len(changes):
+                errors += self._verify(version, wanted, indexes, names, felix_proto, owned)
+            else:
+                self._known[version] = self._after(version, wanted, self._known[version])
+            self._programmed |= set(wanted.values())
         if errors:
+            self._known.clear()
             more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
             raise RouteError("; ".join(errors[:5]) + more)
         return fixed
+
+    @staticmethod
+    def _stale(k: KernelRoute, wanted: Mapping[IPNetwork, Route], metric: int) -> bool:
+        return k.owned and (k.route.dst not in wanted or k.metric != metric)
+
+    def _after(
+        self, version: int, wanted: Mapping[IPNetwork, Route], known: list[KernelRoute]
+    ) -> list[KernelRoute]:
+        """The kernel once the plan went through: stale routes gone, the wanted in place."""
+        metric = DEFAULT_METRIC[version]
+        kept = [
+            k
+            for k in known
+            if not self._stale(k, wanted, metric)
+            and not (k.metric == metric and k.route.dst in wanted)
+        ]
+        return kept + [KernelRoute(r, metric, True) for r in wanted.values()]
 
     def _plan(
         self,
@@ -148,7 +174,7 @@ class RouteManager:
         changes: list[rtmsg] = []
         removed: list[str] = []
         for k in current:
-            if k.owned and (k.route.dst not in wanted or k.metric != metric):
+            if self._stale(k, wanted, metric):
                 changes.append(_message(k.route, indexes, add=False, metric=k.metric))
                 removed.append(str(k.route))
         restored: list[str] = []
@@ -181,18 +207,17 @@ class RouteManager:
         felix_proto: int,
         owned: tuple[str, ...],
     ) -> list[str]:
-        """Read back; retry what is still wrong one at a time for the kernel's reason."""
+        """Some requests failed: read back, retry what is still wrong one at a time for the
+        kernel's reason."""
         metric = DEFAULT_METRIC[version]
         current = _kernel_routes(self.ipr, version, names, felix_proto, owned)
         in_place = {k.route.dst: k.route for k in current if k.metric == metric}
         errors = []
         for dst, route in wanted.items():
             if in_place.get(dst) == route:
-                self._programmed.add(route)
                 continue
             try:
                 self.ipr.nlm_request_batch([_message(route, indexes, add=True)])
-                self._programmed.add(route)
             except NetlinkError as err:
                 errors.append(f"{route}: {netlink.describe(err)}")
         return errors

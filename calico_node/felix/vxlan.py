@@ -155,13 +155,13 @@ class VXLANManager:
             if have_fdb.get(mac) != {dst}:
                 changes.append(self._fdb(link.index, mac, dst, add=True))
                 fixed.append(f"{want.name}: FDB {mac} dst {dst}")
-        if changes:
-            netlink.send_batch(self.ipr, changes)
+        if changes and netlink.send_batch(self.ipr, changes) < len(changes):
             self._check_peers(want, link, neighbours, fdb)
 
     def _check_peers(
         self, want: VXLANDevice, link: Link, neighbours: dict[str, str], fdb: dict[str, str]
     ) -> None:
+        """Some requests failed: say which entries are still missing."""
         family = netlink.FAMILY[want.version]
         have = {
             m.get_attr("NDA_DST"): (m.get_attr("NDA_LLADDR") or "").lower()

@@ -1,10 +1,12 @@
 """Felix's managers against a real netns: what `apply` programs, read back from the kernel,
 for VXLAN (device, FDB, neighbours, routes, borrowed IPs, blackholes), CrossSubnet, MTU,
-natOutgoing and IPIP's refusal; and what one pass puts back after someone tampered."""
+natOutgoing and IPIP's refusal; and what one pass puts back after someone tampered (the
+netlink monitor tells it the kernel changed; the iptables refresh finds the NAT rule)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import replace
 
 import pytest
@@ -86,7 +88,9 @@ def test_one_pass_repairs_what_was_removed_or_changed(
     lone_node: LoneNode, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="felix")
-    felix = felix_for(lone_node)
+    felix = felix_for(lone_node, FELIX_IPTABLESREFRESHINTERVAL="0.01")
+    kicks = threading.Semaphore(0)
+    lone_node.worker.run(felix.watch_netlink, kicks.release)  # its thread: in the netns
     snap = snapshot(*cluster())
     apply(lone_node, felix, snap)
     ns = lone_node.netns
@@ -95,7 +99,8 @@ def test_one_pass_repairs_what_was_removed_or_changed(
     sh("ip", "-n", ns.name, "route", "replace", "10.65.1.0/26", "via", "172.31.5.1", "dev", "eth0")
     sh("bridge", "-n", ns.name, "fdb", "del", N2_MAC, "dev", "vxlan.calico", "dst", "172.31.5.3")
     sh("ip", "-n", ns.name, "neigh", "del", "10.65.2.1", "dev", "vxlan.calico")
-    ns.exec("iptables", "-t", "nat", "-F", "cali-nat-outgoing")
+    ns.exec("iptables", "-t", "nat", "-F", "cali-nat-outgoing")  # no event: the refresh
+    assert kicks.acquire(timeout=30), "the netlink monitor saw nothing"
     apply(lone_node, felix, replace(snap, generation=2))
     assert (
         kernel.routes(ns),
@@ -111,10 +116,14 @@ def test_one_pass_repairs_what_was_removed_or_changed(
         in caplog.text
     )
     # The device itself, deleted: recreated with its address, peers and routes.
+    while kicks.acquire(blocking=False):
+        pass
     sh("ip", "-n", ns.name, "link", "del", "vxlan.calico")
+    assert kicks.acquire(timeout=30), "the netlink monitor missed the device's removal"
     apply(lone_node, felix, replace(snap, generation=3))
     assert kernel.vxlan_link(ns)["vni"] == 4096
     assert (kernel.routes(ns), kernel.fdb(ns), kernel.neighbours(ns)) == before[:3]
+    lone_node.worker.run(felix.stop)
 
 
 def test_nat_outgoing_chains_and_sets(lone_node: LoneNode) -> None:
