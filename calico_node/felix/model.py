@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import netaddr
 
@@ -192,9 +193,15 @@ class _Builder:
         self.bird = backend == "bird"
         self.host = host
         self.families = (4, 6) if config.ipv6_support else (4,)
-        self.pools = sorted(
-            snapshot.pools.values(), key=lambda p: p.network.prefixlen, reverse=True
+        # Parsed once per pass: a thousand blocks ask for them again and again.
+        networks = sorted(
+            ((p.network, p) for p in snapshot.pools.values()),
+            key=lambda item: item[0].prefixlen,
+            reverse=True,
         )
+        self.pool_networks = networks
+        self.pools = [p for _, p in networks]
+        self._addresses: dict[tuple[str, int], Any] = {}
         self.waiting: list[str] = []
         own = snapshot.nodes.get(nodename)
         self.own = own
@@ -270,8 +277,7 @@ class _Builder:
     # -- routes
 
     def pool_of(self, cidr: IPNetwork) -> IPPool | None:
-        for pool in self.pools:
-            network = pool.network
+        for network, pool in self.pool_networks:
             if network.version == cidr.version and cidr.subnet_of(network):  # type: ignore[arg-type]
                 return pool
         return None
@@ -292,7 +298,10 @@ class _Builder:
         if kind == "none" or node is None:
             return None
         version = dst.version
-        peer = _node_address(node, version)
+        key = (node_name, version)
+        if key not in self._addresses:
+            self._addresses[key] = _node_address(node, version)
+        peer = self._addresses[key]
         felix_proto = self.config.felix_route_protocol
         if mode == "CrossSubnet" and peer is not None and self._same_subnet(version, peer.ip):
             parent = self.host.parents.get(version)
