@@ -35,6 +35,8 @@ build:
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-ipam
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-node
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calicoctl
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/kubectl-calico
 
 install:
 	test -x $(DIST)/$(BUNDLE_NAME)/calico || { echo "run 'make build' first" >&2; exit 1; }
@@ -46,6 +48,8 @@ install:
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-node
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calicoctl
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/kubectl-calico
 
 test: build
 	scripts/install-deps test
