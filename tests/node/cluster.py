@@ -24,13 +24,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from libcalico.datastore.base import Datastore, KVPair
 from libcalico.datastore.config import DatastoreSettings
 from libcalico.model import BlockAffinityListOptions, IPPool, IPPoolSpec, ObjectMeta, ResourceKey
+from tests.etcd.cni_support import LoopbackRelay
 from tests.harness import CNIResult, Netns, bin_dir, pod_args, run_plugin, sh, unique, wait_for
-from tests.node.relay import LoopbackRelay
 
 CONVERGE_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 120.0
@@ -43,6 +43,16 @@ def proc_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+class Kubelet(Protocol):
+    """Registers what kubelet and the scheduler would (the Kubernetes datastore)."""
+
+    def register_node(self, name: str) -> None: ...
+
+    def register_pod(self, name: str, node: str) -> None: ...
+
+    def remove_node(self, name: str) -> None: ...
 
 
 @dataclass
@@ -200,6 +210,8 @@ class SimNode:
         pod_ns = Netns.create("cnp")
         name = name or unique("pod")
         container_id = unique("ctr")
+        if self.cluster.kubelet is not None:
+            self.cluster.kubelet.register_pod(name, self.name)
         result = self.cni("ADD", pod_ns.path, container_id, name, ipam)
         if result.code != 0:
             pod_ns.delete()
@@ -269,10 +281,13 @@ class Cluster:
         pool_cidr: str = "10.244.0.0/16",
         home: Path | None = None,
         relay_ports: list[int] | None = None,
+        kubelet: Kubelet | None = None,
     ) -> None:
         """`relay_ports`: the host-loopback ports of the datastore's servers, which the
-        nodes reach at the same address through a LoopbackRelay."""
-        self.relay = LoopbackRelay(relay_ports) if relay_ports else None
+        nodes reach at the same address through a LoopbackRelay; `kubelet`: what stands
+        in for Kubernetes on the Kubernetes datastore (Nodes and Pods registered)."""
+        self.kubelet = kubelet
+        self.relay = LoopbackRelay(relay_ports, []).__enter__() if relay_ports else None
         self.datastore_env = datastore_env
         self.netconf = netconf
         self.subnet = ipaddress.ip_network(subnet)
@@ -331,6 +346,8 @@ class Cluster:
         netns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         home = self.home / name
         home.mkdir()
+        if self.kubelet is not None:
+            self.kubelet.register_node(name)
         node = SimNode(
             name, netns, ip, self.subnet.prefixlen, home, self, extra_env=dict(extra_env)
         )
@@ -414,6 +431,6 @@ class Cluster:
                 node.destroy()
         finally:
             if self.relay is not None:
-                self.relay.close()
+                self.relay.__exit__(None, None, None)
             self.fabric.delete()
             shutil.rmtree(self.home, ignore_errors=True)

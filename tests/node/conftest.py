@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.etcd_fixture import EtcdCluster, start_etcd
+from tests.k8s.fixture import KubeCluster, apiserver_available, kube_apiserver
 from tests.node.cluster import Cluster
 
 ClusterFactory = Callable[..., Cluster]
@@ -75,6 +77,42 @@ def etcd_cluster(etcd: EtcdCluster, **kw: object) -> Cluster:
     conf = {"datastore_type": "etcdv3", "etcd_endpoints": etcd.endpoint}
     ports = [member.client_port for member in etcd.members]
     return Cluster(env, conf, relay_ports=ports, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def module_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    if not apiserver_available():
+        pytest.fail("kube-apiserver not built: scripts/install-deps test builds it")
+    with kube_apiserver(tmp_path_factory.mktemp("kube")) as kube:
+        yield kube
+
+
+@dataclass
+class FakeKubelet:
+    """Nodes as kubelet registers them, pods as the scheduler places them."""
+
+    kube: KubeCluster
+
+    def register_node(self, name: str) -> None:
+        self.kube.create_node(name)
+
+    def register_pod(self, name: str, node: str) -> None:
+        self.kube.create_pod("default", name, node)
+
+    def remove_node(self, name: str) -> None:
+        self.kube.admin.request("DELETE", f"/api/v1/nodes/{name}")
+
+
+def kube_cluster(kube: KubeCluster, **kw: object) -> Cluster:
+    """calico-node with the admin's kubeconfig, the CNI with its own identity's."""
+    env = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(kube.admin_kubeconfig)}
+    conf = {
+        "datastore_type": "kubernetes",
+        "kubernetes": {"kubeconfig": str(kube.cni_kubeconfig)},
+        "policy": {"type": "k8s"},
+    }
+    port = int(kube.server.rsplit(":", 1)[1])
+    return Cluster(env, conf, relay_ports=[port], kubelet=FakeKubelet(kube), **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -13,12 +13,11 @@ import re
 import subprocess
 from collections.abc import Callable
 
-import pytest
-
 from libcalico.model import ResourceKey
 from tests.etcd_fixture import EtcdCluster
+from tests.k8s.fixture import KubeCluster
 from tests.node.cluster import Cluster, Pod, SimNode
-from tests.node.conftest import ClusterFactory, etcd_cluster
+from tests.node.conftest import ClusterFactory, etcd_cluster, kube_cluster
 
 MESH_ROW = re.compile(
     r"^\| (\S+) +\| node-to-node mesh \| up +\| \d\d:\d\d:\d\d \| Established \|$"
@@ -97,8 +96,11 @@ def run_mesh(cluster: Cluster) -> None:
     )
 
     # node3 removed from the datastore: withdrawn everywhere.
-    with cluster.store() as store:
-        store.delete(store.get(ResourceKey("Node", nodes[2].name)))
+    if cluster.kubelet is not None:
+        cluster.kubelet.remove_node(nodes[2].name)  # the cluster's Node goes
+    else:
+        with cluster.store() as store:
+            store.delete(store.get(ResourceKey("Node", nodes[2].name)))
     survivors = nodes[:2]
     cluster.wait(
         converged(cluster, survivors), f"node3 withdrawn: {cluster.routing_problems(survivors)}"
@@ -129,6 +131,9 @@ def test_full_mesh_etcd(module_etcd: EtcdCluster) -> None:
         cluster.destroy()
 
 
-@pytest.mark.skip(reason="Kubernetes datastore mesh: needs the calicoctl branch's Node codec")
-def test_full_mesh_kubernetes() -> None:
-    raise NotImplementedError
+def test_full_mesh_kubernetes(module_kube: KubeCluster) -> None:
+    cluster = kube_cluster(module_kube)
+    try:
+        run_mesh(cluster)
+    finally:
+        cluster.destroy()
