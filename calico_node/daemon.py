@@ -23,6 +23,7 @@ thread) to be applied again. Its health counts towards `-felix-ready` automatica
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -162,6 +163,8 @@ class Daemon:
             self._serve(NodeContext(self.nodename, self.config, self.paths))
         finally:
             health.stop()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.daemon_lock.unlink()  # while still holding it: no race with a successor
             os.close(lock_fd)
         log.info("calico-node stopped")
         return 0

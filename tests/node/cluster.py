@@ -126,8 +126,13 @@ class SimNode:
 
     # -- the daemon
 
-    def start(self, wait: bool = True) -> None:
-        argv = ["nsenter", f"--net={self.netns.path}", str(bin_dir() / "calico-node")]
+    def start(self, wait: bool = True, private_mounts: bool = False) -> None:
+        """Run calico-node in the node's netns (with `private_mounts`, also in a mount
+        namespace of its own, as in a container: later netns mounts stay invisible to it)."""
+        argv = ["nsenter", f"--net={self.netns.path}"]
+        if private_mounts:
+            argv += ["unshare", "--mount", "--propagation", "private"]
+        argv.append(str(bin_dir() / "calico-node"))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env()
@@ -137,6 +142,10 @@ class SimNode:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def exited(self) -> bool:
+        """Whether the daemon process has exited."""
+        return self.proc is not None and self.proc.poll() is not None
 
     def wait_started(self) -> None:
         """Until the daemon registered, serves CNI requests and BIRD answers."""
