@@ -45,6 +45,22 @@ def proc_alive(pid: int) -> bool:
         return False
 
 
+def processes_under(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (the cluster's directory)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in argv:
+            found.append(f"{pid}: {argv}")
+    return found
+
+
 class Kubelet(Protocol):
     """Registers what kubelet and the scheduler would (the Kubernetes datastore)."""
 

@@ -7,13 +7,12 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from tests.etcd_fixture import EtcdCluster, start_etcd
 from tests.k8s.fixture import KubeCluster, apiserver_available, kube_apiserver
-from tests.node.cluster import Cluster
+from tests.node.cluster import Cluster, processes_under
 
 ClusterFactory = Callable[..., Cluster]
 
@@ -25,22 +24,6 @@ def _root() -> None:
     for tool in ("bird", "birdc"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
             pytest.fail(f"{tool} is missing: scripts/install-deps test installs bird2")
-
-
-def processes_under(path: Path) -> list[str]:
-    """Command lines of live processes that name `path` (the cluster's directory)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(path) in argv:
-            found.append(f"{pid}: {argv}")
-    return found
 
 
 def assert_left_nothing(cluster: Cluster) -> None:
