@@ -307,11 +307,13 @@ class Cluster:
         home: Path | None = None,
         relay_ports: list[int] | None = None,
         kubelet: Kubelet | None = None,
+        operator_env: dict[str, str] | None = None,
     ) -> None:
         """`relay_ports`: the host-loopback ports of the datastore's servers, which the
         nodes reach at the same address through a LoopbackRelay; `kubelet`: what stands
         in for Kubernetes on the Kubernetes datastore (Nodes and Pods registered)."""
         self.kubelet = kubelet
+        self.operator_env = operator_env or datastore_env
         self.relay = LoopbackRelay(relay_ports, []).__enter__() if relay_ports else None
         self.datastore_env = datastore_env
         self.netconf = netconf
@@ -383,7 +385,7 @@ class Cluster:
 
     def store(self) -> Datastore:
         """A client of the cluster's datastore, as an operator's tool would open it."""
-        return DatastoreSettings.resolve({}, self.datastore_env).connect()
+        return DatastoreSettings.resolve({}, self.operator_env).connect()
 
     def add_pool(self, name: str, cidr: str, **spec: object) -> None:
         pool = IPPool(ObjectMeta(name), IPPoolSpec.from_json({"cidr": cidr, **spec}))

@@ -87,15 +87,18 @@ class FakeKubelet:
 
 
 def kube_cluster(kube: KubeCluster, **kw: object) -> Cluster:
-    """calico-node with the admin's kubeconfig, the CNI with its own identity's."""
-    env = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(kube.admin_kubeconfig)}
+    """calico-node with its own identity (conf/calico-node-rbac.yaml), the CNI with its."""
+    env = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(kube.node_kubeconfig)}
     conf = {
         "datastore_type": "kubernetes",
         "kubernetes": {"kubeconfig": str(kube.cni_kubeconfig)},
         "policy": {"type": "k8s"},
     }
     port = int(kube.server.rsplit(":", 1)[1])
-    return Cluster(env, conf, relay_ports=[port], kubelet=FakeKubelet(kube), **kw)  # type: ignore[arg-type]
+    admin = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(kube.admin_kubeconfig)}
+    return Cluster(
+        env, conf, relay_ports=[port], kubelet=FakeKubelet(kube), operator_env=admin, **kw
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture
