@@ -105,3 +105,16 @@ def kube_cluster(kube: KubeCluster, **kw: object) -> Cluster:
 def clusters() -> Iterator[ClusterFactory]:
     """make a local-datastore cluster: clusters(); each is destroyed and checked after."""
     yield from _clusters(Cluster.local)
+
+
+@pytest.fixture
+def etcd_clusters(module_etcd: EtcdCluster) -> Iterator[ClusterFactory]:
+    """Clusters on the module's etcd, emptied first; destroyed and checked after."""
+    module_etcd.wipe()
+    yield from _clusters(lambda **kw: etcd_cluster(module_etcd, **kw))
+
+
+@pytest.fixture
+def kube_clusters(module_kube: KubeCluster) -> Iterator[ClusterFactory]:
+    """Clusters on the module's API server; destroyed and checked after."""
+    yield from _clusters(lambda **kw: kube_cluster(module_kube, **kw))

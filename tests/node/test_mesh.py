@@ -14,10 +14,8 @@ import subprocess
 from collections.abc import Callable
 
 from libcalico.model import ResourceKey
-from tests.etcd_fixture import EtcdCluster
-from tests.k8s.fixture import KubeCluster
 from tests.node.cluster import Cluster, Pod, SimNode
-from tests.node.conftest import ClusterFactory, etcd_cluster, kube_cluster
+from tests.node.conftest import ClusterFactory
 
 MESH_ROW = re.compile(
     r"^\| (\S+) +\| node-to-node mesh \| up +\| \d\d:\d\d:\d\d \| Established \|$"
@@ -123,17 +121,9 @@ def test_full_mesh_local(clusters: ClusterFactory) -> None:
     run_mesh(clusters())
 
 
-def test_full_mesh_etcd(module_etcd: EtcdCluster) -> None:
-    cluster = etcd_cluster(module_etcd)
-    try:
-        run_mesh(cluster)
-    finally:
-        cluster.destroy()
+def test_full_mesh_etcd(etcd_clusters: ClusterFactory) -> None:
+    run_mesh(etcd_clusters())
 
 
-def test_full_mesh_kubernetes(module_kube: KubeCluster) -> None:
-    cluster = kube_cluster(module_kube)
-    try:
-        run_mesh(cluster)
-    finally:
-        cluster.destroy()
+def test_full_mesh_kubernetes(kube_clusters: ClusterFactory) -> None:
+    run_mesh(kube_clusters())
