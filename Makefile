@@ -35,6 +35,8 @@ build:
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-ipam
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-node
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calicoctl
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/kubectl-calico
 
 install:
 	test -x $(DIST)/$(BUNDLE_NAME)/calico || { echo "run 'make build' first" >&2; exit 1; }
@@ -46,6 +48,8 @@ install:
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-node
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calicoctl
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/kubectl-calico
 
 test: build
 	scripts/install-deps test
@@ -60,11 +64,12 @@ demo: build
 	scripts/demo
 
 # One run of each benchmark (bench/README.md); options via CNI_BENCH_ARGS, IPAM_BENCH_ARGS,
-# ROUTE_BENCH_ARGS, POD_BENCH_ARGS.
+# NODE_BENCH_ARGS, ROUTE_BENCH_ARGS, POD_BENCH_ARGS.
 bench: build
 	scripts/install-deps test
 	$(VENV)/bin/python bench/cni_bench.py $(CNI_BENCH_ARGS)
 	$(VENV)/bin/python bench/ipam_bench.py $(IPAM_BENCH_ARGS)
+	$(VENV)/bin/python bench/node_bench.py $(NODE_BENCH_ARGS)
 	$(VENV)/bin/python bench/route_bench.py $(ROUTE_BENCH_ARGS)
 	$(VENV)/bin/python bench/pod_bench.py $(POD_BENCH_ARGS)
 

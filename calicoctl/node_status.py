@@ -17,6 +17,7 @@ import sys
 from calico_node import birdctl
 from calico_node.instance import locked_pid
 from calico_node.paths import NodePaths
+from calicoctl.errors import CommandError
 
 HEADERS = ("Peer address", "Peer type", "State", "Since", "Info")
 MAX_CELL = 30  # tablewriter's default wrap width
@@ -91,9 +92,10 @@ def _dataplane_warnings(paths: NodePaths) -> list[str]:
 
 
 def report(paths: NodePaths) -> tuple[int, str]:
-    """(exit code, what `calicoctl node status` prints)."""
+    """(exit code, what `calicoctl node status` prints); CommandError (stderr, exit 1)
+    when no calico-node runs for `paths`."""
     if locked_pid(paths.daemon_lock) is None:
-        return 1, "Calico process is not running.\n"
+        raise CommandError("Calico process is not running.")
     out = ["Calico process is running.", *_dataplane_warnings(paths)]
     try:
         peers = birdctl.peers(paths.bird_socket)
@@ -116,16 +118,7 @@ def report(paths: NodePaths) -> tuple[int, str]:
 
 def run(opts: argparse.Namespace) -> int:
     if os.geteuid() != 0:
-        print("This command must be run as root.", file=sys.stderr)
-        return 1
+        raise CommandError("This command must be run as root.")
     code, text = report(NodePaths.from_env())
     sys.stdout.write(text)
     return code
-
-
-def register(node_commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add `status` to calicoctl's `node` command group."""
-    parser = node_commands.add_parser(
-        "status", help="the BGP status of this node's calico-node (BIRD's peers)"
-    )
-    parser.set_defaults(handler=run)

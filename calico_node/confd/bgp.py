@@ -8,6 +8,13 @@ only lay this out; nothing here knows BIRD's syntax.
 
 Deterministic: peers sorted by protocol name, so the same cluster always renders the same
 text and BIRD is reloaded only when something really changed.
+
+One departure from Calico, on purpose: Calico drops a route reflector from the mesh the
+moment its `routeReflectorClusterID` is set, which cuts the node off until the BGPPeer
+towards it exists (the seed's section 7 sets them in that order). Here a node leaves the
+mesh pair by pair, when a BGPPeer-derived session to the same address replaces it; once
+the BGPPeers are in place the result is Calico's (the RR's peers are all `Node_` with
+`rr client`, the clients keep the mesh among themselves until it is disabled).
 """
 
 from __future__ import annotations
@@ -370,7 +377,8 @@ def _view(peer: Peer, my_ip: str, my_as: int, my_rr: str) -> PeerView:
         passive = bool(peer.calico_node) and peer.ip > my_ip
     else:
         passive = False
-    rr_client = internal and bool(my_rr) and peer.rr_cluster_id != my_rr
+    # Mesh peers are never clients: the mesh needs no reflection.
+    rr_client = peer.kind != MESH and internal and bool(my_rr) and peer.rr_cluster_id != my_rr
     return PeerView(peer, internal, passive, rr_client)
 
 
@@ -467,8 +475,15 @@ def bird_view(snapshot: Snapshot, nodename: str, router_id_setting: str = "") ->
             view.blocks.append(BlockView(str(cidr), affinity.state))
     if not my_ip:
         return view
+    global_peers, node_peers = _peerings(cluster, nodename)
     taken: set[str] = set()
-    if mesh_enabled and not my_rr:
+    view.global_peers = [
+        _view(p, my_ip, my_as, my_rr) for p in _dedupe(global_peers, taken, my_ip, "global")
+    ]
+    view.node_peers = [
+        _view(p, my_ip, my_as, my_rr) for p in _dedupe(node_peers, taken, my_ip, "node-specific")
+    ]
+    if mesh_enabled:
         mesh = []
         for name in sorted(cluster.nodes):
             ip = cluster.ip(name)
@@ -476,21 +491,11 @@ def bird_view(snapshot: Snapshot, nodename: str, router_id_setting: str = "") ->
                 continue
             if name == nodename:
                 view.mesh_comments.append(f"Skipping ourselves ({ip})")
-            elif cluster.rr_cluster_id(name):
-                view.mesh_comments.append(
-                    f"Skipping {ip} ({name}) as it is a route reflector with cluster ID "
-                    f"{cluster.rr_cluster_id(name)}"
-                )
+            elif ip in taken:
+                view.mesh_comments.append(f"Skipping {ip} ({name}): peered through a BGPPeer")
             else:
                 mesh.append(cluster.node_peer(MESH, name))
         view.mesh = [
             _view(p, my_ip, my_as, my_rr) for p in _dedupe(filter(None, mesh), taken, my_ip, "mesh")
         ]
-    global_peers, node_peers = _peerings(cluster, nodename)
-    view.global_peers = [
-        _view(p, my_ip, my_as, my_rr) for p in _dedupe(global_peers, taken, my_ip, "global")
-    ]
-    view.node_peers = [
-        _view(p, my_ip, my_as, my_rr) for p in _dedupe(node_peers, taken, my_ip, "node-specific")
-    ]
     return view

@@ -127,12 +127,13 @@ class Felix(Consumer):
 
     # -- plumbing
 
-    def watch_netlink(self, kick: Callable[[], None]) -> None:
-        """Re-apply soon after relevant netlink events (call once the runner exists)."""
+    def _watch_netlink(self) -> None:
+        """Be applied again soon after relevant netlink events (from the first pass on: its
+        thread is in this node's netns, and the monitor's thread is made there too)."""
 
         def changed() -> None:
             self._dirty.set()
-            kick()
+            self.request_apply()
 
         self._monitor = NetlinkMonitor(changed, lambda: self._port, self._watch.relevant)
         self._monitor.start()
@@ -178,6 +179,8 @@ class Felix(Consumer):
             self._dirty.clear()
             self._resynced_at = now
         ipr = self._socket()
+        if self._monitor is None:
+            self._watch_netlink()
         route_manager = self._route_manager
         assert route_manager is not None
         links = self._links()

@@ -41,16 +41,19 @@ class KubernetesWatcher(Watcher):
         self._lock = threading.Lock()
         self._generation = 0  # bumped per follow: older threads stop feeding the queue
 
-    def list_state(self) -> tuple[list[KVPair], list[str]]:
+    def list_state(self) -> tuple[list[KVPair], list[tuple[ListOptions, int, str]]]:
+        """The pairs, and what to watch: (selection, target index, resourceVersion)."""
         pairs: list[KVPair] = []
-        versions = []
+        targets = []
         for options in self.selections:
-            found, version = self._store.list_versioned(options)
+            found, versions = self._store.list_versioned(options)
             pairs += found
-            versions.append(version)
-        return pairs, versions
+            targets += [(options, i, version) for i, version in enumerate(versions)]
+        return pairs, targets
 
-    def follow(self, position: list[str], emit: Callable[[list[WatchEvent]], None]) -> None:
+    def follow(
+        self, position: list[tuple[ListOptions, int, str]], emit: Callable[[list[WatchEvent]], None]
+    ) -> None:
         with self._lock:
             self._generation += 1
             generation = self._generation
@@ -58,11 +61,11 @@ class KubernetesWatcher(Watcher):
         threads = [
             threading.Thread(
                 target=self._watch_one,
-                args=(options, version, events, generation),
+                args=(options, target, version, events, generation),
                 name=f"k8s-watch-{i}",
                 daemon=True,
             )
-            for i, (options, version) in enumerate(zip(self.selections, position, strict=True))
+            for i, (options, target, version) in enumerate(position)
         ]
         for thread in threads:
             thread.start()
@@ -94,11 +97,12 @@ class KubernetesWatcher(Watcher):
     def _watch_one(
         self,
         options: ListOptions,
+        target: int,
         version: str,
         events: queue.Queue[WatchEvent | _Failed],
         generation: int,
     ) -> None:
-        path, selector = self._store.watch_target(options)
+        path, selector = self._store.watch_targets(options)[target]
         try:
             while self._current(generation):
                 query = {
@@ -117,7 +121,7 @@ class KubernetesWatcher(Watcher):
                     for line in lines:
                         if not self._current(generation):
                             return
-                        version = self._event(options, line, version, events)
+                        version = self._event(options, target, line, version, events)
                 except (OSError, BadResponse, ValueError) as err:
                     if self._current(generation):
                         raise DatastoreUnavailable(
@@ -134,6 +138,7 @@ class KubernetesWatcher(Watcher):
     def _event(
         self,
         options: ListOptions,
+        target: int,
         line: bytes,
         version: str,
         events: queue.Queue[WatchEvent | _Failed],
@@ -148,7 +153,7 @@ class KubernetesWatcher(Watcher):
         version = (obj.get("metadata") or {}).get("resourceVersion") or version
         if kind == "BOOKMARK":
             return version
-        kvp = self._store.decode_watched(options, obj)
+        kvp = self._store.decode_watched(options, target, obj)
         if kvp is not None:
             value = None if kind == "DELETED" else kvp.value
             events.put(WatchEvent(kvp.key, value))

@@ -162,6 +162,7 @@ def test_seed_route_reflector(tmp_path: Path) -> None:
     snap = snapshot(SEED_RR, peers=SEED_PEER, configs=SEED_CONFIG)
     a = checked(tmp_path, snap, "a")["bird.cfg"]
     assert "# This node (a) is configured as a route reflector with cluster ID 1.1.1.1;" in a
+    assert "# Node-to-node mesh disabled" in a
     assert "Mesh_" not in a and "local as 63400;" in a
     rr = protocols(a)
     assert set(rr) == {"Node_192_168_10_27", "Node_192_168_10_28"}
@@ -176,10 +177,21 @@ def test_seed_route_reflector(tmp_path: Path) -> None:
     assert "source address 192.168.10.27;" in client["Node_192_168_10_26"]
 
 
-def test_mesh_skips_route_reflectors(tmp_path: Path) -> None:
-    b = checked(tmp_path, snapshot(SEED_RR), "b")["bird.cfg"]
-    assert "# Skipping 192.168.10.26 (a) as it is a route reflector with cluster ID 1.1.1.1" in b
-    assert set(protocols(b)) == {"Mesh_192_168_10_28"}
+def test_route_reflector_leaves_the_mesh_pair_by_pair(tmp_path: Path) -> None:
+    """The seed's order: the RR's cluster ID first (still meshed: nobody is cut off), then
+    the BGPPeer (the RR's mesh sessions become node-specific ones), then the mesh off."""
+    labelled = snapshot(SEED_RR)
+    a, b = (protocols(checked(tmp_path, labelled, n)["bird.cfg"]) for n in "ab")
+    assert set(a) == {"Mesh_192_168_10_27", "Mesh_192_168_10_28"}
+    assert not any("rr client" in body for body in a.values())
+    assert set(b) == {"Mesh_192_168_10_26", "Mesh_192_168_10_28"}
+    peered = snapshot(SEED_RR, peers=SEED_PEER)
+    a_text, b_text = (checked(tmp_path / "peered", peered, n)["bird.cfg"] for n in "ab")
+    a, b = protocols(a_text), protocols(b_text)
+    assert set(a) == {"Node_192_168_10_27", "Node_192_168_10_28"}
+    assert all("rr client;" in body for body in a.values())
+    assert set(b) == {"Node_192_168_10_26", "Mesh_192_168_10_28"}
+    assert "# Skipping 192.168.10.26 (a): peered through a BGPPeer" in b_text
 
 
 def test_global_and_node_specific_peers(tmp_path: Path) -> None:
@@ -207,7 +219,7 @@ def test_global_and_node_specific_peers(tmp_path: Path) -> None:
     b = protocols(checked(tmp_path, snap, "b")["bird.cfg"])
     assert set(b) == {"Global_10_0_0_254", "Node_10_0_0_1"}  # b is not in rack r1
     meshed = protocols(checked(tmp_path, snapshot(nodes, peers=peers), "b")["bird.cfg"])
-    assert "Mesh_10_0_0_1" in meshed and "Node_10_0_0_1" not in meshed  # one per address
+    assert "Node_10_0_0_1" in meshed and "Mesh_10_0_0_1" not in meshed  # one per address
 
 
 def test_node_specific_settings(tmp_path: Path) -> None:
