@@ -4,7 +4,8 @@ Two nodes in one subnet with BIRD and an ipipMode CrossSubnet pool: each node ge
 IPIP tunnel address from IPAM (Calico's handle and attributes, `bgp.ipv4IPIPTunnelAddr`);
 BIRD's config parses (`bird -p`) and routes the same-subnet peer directly, so those pods
 reach each other; the tunnel half is refused: in the log, in `-felix-ready`, in
-`calicoctl node status`, and no tunl0 or route through it exists. With ipipMode Always
+`calicoctl node status` and `calicoctl node checksystem`, and no tunl0 or route through
+it exists. With ipipMode Always
 nothing can be routed without the tunnel, and BIRD programs nothing for the pool.
 """
 
@@ -44,6 +45,10 @@ def test_ipip_refused_on_this_kernel(clusters: ClusterFactory) -> None:
         assert (
             "bgp_next_hop ~ 172.31.200.0/24" in (node.bird_cfg.parent / "bird_ipam.cfg").read_text()
         )
+
+    check = nodes[0].calicoctl("node", "checksystem")
+    assert "this kernel has no ipip (CONFIG_NET_IPIP is not set)" in check.stdout, check
+    assert "ipip                \t\t\t\t\tMISSING" in check.stdout
 
     with cluster.store() as store:
         for node in nodes:
