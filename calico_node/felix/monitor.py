@@ -7,12 +7,17 @@ the underlay's ARP) is not news.
 Events caused by Felix's own requests carry its socket's port id and are ignored, so
 programming the dataplane does not trigger another pass. A burst of events (a device
 deleted takes its routes and entries with it) becomes one call after a short quiet time.
+A plain netlink socket is read here, and pyroute2 only decodes: its IPRoute keeps read
+messages queued past `select`, so an event could wait for the next one to be seen. When
+the kernel drops events (ENOBUFS), a pass is asked for all the same.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import select
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,11 +30,12 @@ from pyroute2.netlink.rtnl import (
     RTMGRP_LINK,
     RTMGRP_NEIGH,
 )
-
-from calico_node.felix.netlink import IPRoute
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 log = logging.getLogger("felix")
 
+RECEIVE_BUFFER = 4 << 20  # bytes: room for the burst of a device and its thousand routes
+SO_RCVBUFFORCE = 33
 QUIET_S = 0.1  # wait this long after an event for more before calling
 POLL_S = 0.5  # how often the thread checks that it should stop
 GROUPS = (
@@ -66,20 +72,37 @@ class NetlinkMonitor:
 
     def _news(self, msg: Any) -> bool:
         pid = msg["header"]["pid"]
-        return not (pid and pid == self.own_port()) and self.relevant(msg)
+        if pid and pid == self.own_port():
+            return False
+        try:
+            return self.relevant(msg)
+        except Exception:  # a message we cannot read: look, rather than miss a change
+            log.debug("netlink event not understood: %r", msg, exc_info=True)
+            return True
 
     def _run(self, ready: threading.Event) -> None:
-        with IPRoute() as ipr:
-            ipr.bind(groups=GROUPS)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+            sock.bind((0, GROUPS))
             ready.set()
+            marshal = MarshalRtnl()
             pending = False
             while not self._stop.is_set():
-                readable, _, _ = select.select(
-                    [ipr.fileno()], [], [], QUIET_S if pending else POLL_S
-                )
+                readable, _, _ = select.select([sock], [], [], QUIET_S if pending else POLL_S)
                 if not readable:
                     if pending:
                         pending = False
                         self.changed()
                     continue
-                pending = any(self._news(msg) for msg in ipr.get()) or pending
+                try:
+                    data = sock.recv(1 << 20)
+                except OSError as err:
+                    if err.errno != errno.ENOBUFS:
+                        raise
+                    log.warning("netlink events were dropped (%s); checking the dataplane", err)
+                    pending = True
+                    continue
+                pending = any(self._news(msg) for msg in marshal.parse(data)) or pending
+        finally:
+            sock.close()

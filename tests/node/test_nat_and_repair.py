@@ -25,6 +25,8 @@ ENV = {
     "CALICO_NETWORKING_BACKEND": "vxlan",
     "CALICO_IPV4POOL_VXLAN": "Always",
     "FELIX_IPTABLESREFRESHINTERVAL": "1",
+    # Only netlink events can bring the kernel's tables back within the test's waits.
+    "FELIX_ROUTEREFRESHINTERVAL": "3600",
 }
 FAR_END = "172.31.200.250"
 POOL = "default-ipv4-ippool"
