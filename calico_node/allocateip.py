@@ -14,6 +14,7 @@ and inside an eligible pool is kept, so a restart changes nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,32 @@ def _set(spec: dict[str, Any], path: tuple[str, ...], value: str) -> None:
         spec.pop(path[-1], None)
 
 
+def settled(snapshot: Snapshot, node: Node, kind: TunnelKind, pools: list[IPPool]) -> bool:
+    """Whether the snapshot already shows what `kind` should be on `node`: no pool wants it
+    and the Node has none, or the Node's address is in one of `pools`, allocated in its
+    block to the kind's handle, with its MAC beside it."""
+    text = _get(node.spec, kind.address_path)
+    mac = node.spec.get(kind.mac_field) if kind.mac_field else None
+    if not pools:
+        return not text and not mac
+    if kind.mac_field and not mac:
+        return False
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if not any(ip in p.network for p in pools):
+        return False
+    block = next(
+        (b for cidr, b in snapshot.blocks.items() if cidr.version == ip.version and ip in cidr),
+        None,
+    )
+    if block is None:
+        return False
+    handle = block.handle_of(block.ordinal(ip))
+    return handle == kind.handle(node.metadata.name)
+
+
 def ensure_address(ipam: IPAM, kind: TunnelKind, nodename: str, pools: list[IPPool]) -> IPAddress:
     """The handle's address inside `pools`: the one it has, else a new one."""
     handle = kind.handle(nodename)
@@ -147,6 +174,10 @@ class TunnelAddresses(Consumer):
             raise NotReady(f"Node {me} is not in the datastore")
         pools = list(snapshot.pools.values())
         labels = dict(node.metadata.labels)
+        if all(
+            settled(snapshot, node, kind, eligible_pools(kind, pools, labels)) for kind in KINDS
+        ):
+            return  # the snapshot shows every address where it belongs: nothing to read
         with self.node.config.datastore.open() as store:
             ipam = IPAM(store)
             wanted: dict[tuple[str, ...], str] = {}

@@ -12,6 +12,7 @@ import pytest
 from calico_node.allocateip import TunnelAddresses
 from calico_node.felix.model import vtep_mac
 from calico_node.syncer import NotReady
+from ipam_plugin.engine import IPAM
 from libcalico.datastore.base import Datastore, KVPair, NotFound
 from libcalico.model import BlockListOptions, HandleKey, IPPool, ResourceKey
 from tests.felix.netns_support import node, node_context, pool, store_snapshot
@@ -75,11 +76,17 @@ def test_allocated_recorded_kept_released(setup) -> None:
     again = store.get(ResourceKey("Node", "n1")).value.spec
     assert (again["ipv4VXLANTunnelAddr"], again["bgp"]["ipv4IPIPTunnelAddr"]) == (v4, ipip)
 
+    # Someone released the address by hand: the next pass allocates one again.
+    IPAM(store).release_ips([v4])
+    allocator.apply(store_snapshot(store, 3))
+    again = store.get(ResourceKey("Node", "n1")).value.spec["ipv4VXLANTunnelAddr"]
+    assert attributes(store, again) == {"node": "n1", "type": "vxlanTunnelAddress"}
+
     # The VXLAN pool goes Never: released, the fields cleared; IPIP's stays.
     kvp = store.get(ResourceKey("IPPool", "vx"))
     kvp.value.spec.vxlan_mode = "Never"
     store.update(kvp)
-    allocator.apply(store_snapshot(store, 3))
+    allocator.apply(store_snapshot(store, 4))
     spec = store.get(ResourceKey("Node", "n1")).value.spec
     assert "ipv4VXLANTunnelAddr" not in spec and "vxlanTunnelMACAddr" not in spec
     assert spec["bgp"]["ipv4IPIPTunnelAddr"] == ipip
