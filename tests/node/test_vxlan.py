@@ -83,6 +83,10 @@ def test_vxlan_always_three_nodes(clusters: ClusterFactory) -> None:
     assert show.returncode == 0, show.stderr
     pool_row = next(line for line in show.stdout.splitlines() if "IP Pool" in line)
     assert "| 6 (0%)" in pool_row, show.stdout  # three pods, three tunnel addresses
+    check = nodes[0].calicoctl("ipam", "check")
+    assert "Found 3 node tunnel IPs." in check.stdout and "found 0 problems" in check.stdout, (
+        check.stdout
+    )
 
     # MTU: the file, and a new pod's interface, from the 1500 underlay less VXLAN's 50.
     for node in nodes:
