@@ -32,7 +32,7 @@ import netaddr
 
 from calico_node.felix.config import FelixConfig
 from calico_node.syncer import Snapshot
-from libcalico.model import AllocationBlock, IPAddress, IPNetwork, IPPool, Node
+from libcalico.model import AllocationBlock, IPAddress, IPNetwork, IPPool, Node, ValidationError
 
 log = logging.getLogger("felix")
 
@@ -194,11 +194,7 @@ class _Builder:
         self.host = host
         self.families = (4, 6) if config.ipv6_support else (4,)
         # Parsed once per pass: a thousand blocks ask for them again and again.
-        networks = sorted(
-            ((p.network, p) for p in snapshot.pools.values()),
-            key=lambda item: item[0].prefixlen,
-            reverse=True,
-        )
+        networks = sorted(usable_pools(snapshot), key=lambda item: item[0].prefixlen, reverse=True)
         self.pool_networks = networks
         self.pools = [p for _, p in networks]
         self._addresses: dict[tuple[str, int], Any] = {}
@@ -213,13 +209,13 @@ class _Builder:
 
     # -- which encapsulations are on
 
-    def _pools_of(self, version: int) -> list[IPPool]:
-        return [p for p in self.pools if p.network.version == version]
+    def _pools_of(self, version: int) -> list[tuple[IPNetwork, IPPool]]:
+        return [(n, p) for n, p in self.pool_networks if n.version == version]
 
     def _vxlan_wanted(self, version: int) -> bool:
         if self.config.vxlan_enabled is not None:
             return self.config.vxlan_enabled
-        return any(_encapsulation(p)[0] == "vxlan" for p in self._pools_of(version))
+        return any(_encapsulation(p)[0] == "vxlan" for _, p in self._pools_of(version))
 
     def ipip_wanted(self) -> bool:
         return ipip_wanted(self.snapshot, self.config)
@@ -373,8 +369,8 @@ class _Builder:
         sets = {}
         for version in self.families:
             pools = self._pools_of(version)
-            masq = netaddr.IPSet(p.spec.cidr for p in pools if p.spec.nat_outgoing)
-            every = netaddr.IPSet(p.spec.cidr for p in pools)
+            masq = netaddr.IPSet(str(n) for n, p in pools if p.spec.nat_outgoing)
+            every = netaddr.IPSet(str(n) for n, _ in pools)
             hosts = netaddr.IPSet(
                 str(a.ip) for n in self.snapshot.nodes.values() if (a := _node_address(n, version))
             )
@@ -399,11 +395,21 @@ class _Builder:
         return min(enabled) if enabled else self.host.host_mtu
 
 
+def usable_pools(snapshot: Snapshot) -> list[tuple[IPNetwork, IPPool]]:
+    """The pools with their networks; one whose CIDR does not parse (the datastore is
+    anyone's) is left out, with a warning."""
+    found = []
+    for pool in snapshot.pools.values():
+        try:
+            found.append((pool.network, pool))
+        except ValidationError as err:
+            log.warning("ignoring IP pool %s: %s", pool.name, err)
+    return found
+
+
 def ipip_pools(snapshot: Snapshot) -> list[IPPool]:
     return [
-        p
-        for p in snapshot.pools.values()
-        if p.network.version == 4 and _encapsulation(p)[0] == "ipip"
+        p for n, p in usable_pools(snapshot) if n.version == 4 and _encapsulation(p)[0] == "ipip"
     ]
 
 

@@ -134,3 +134,11 @@ def test_config_precedence_and_checks() -> None:
     assert warned == {"FelixConfiguration default vxlanMTU='lots'"}
     assert FelixConfig().felix_route_protocol == 80
     assert FelixConfig(device_route_protocol=42).felix_route_protocol == 42
+
+
+def test_a_pool_that_does_not_parse_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    bad = pool("bad", "10.65.0.0/16", vxlanMode="Always")
+    bad.spec.cidr = "10.65.0.0/99"  # as a datastore written by something else may hold it
+    dp = plan([bad, pool("ok", "10.66.0.0/16", natOutgoing=True)])
+    assert dp.nat[4].all_pools == ("10.66.0.0/16",) and 4 not in dp.vxlan
+    assert "ignoring IP pool bad" in caplog.text
