@@ -64,11 +64,12 @@ demo: build
 	scripts/demo
 
 # One run of each benchmark (bench/README.md); options via CNI_BENCH_ARGS, IPAM_BENCH_ARGS,
-# NODE_BENCH_ARGS, ROUTE_BENCH_ARGS, POD_BENCH_ARGS.
+# IPAM_SCALE_BENCH_ARGS, NODE_BENCH_ARGS, ROUTE_BENCH_ARGS, POD_BENCH_ARGS.
 bench: build
 	scripts/install-deps test
 	$(VENV)/bin/python bench/cni_bench.py $(CNI_BENCH_ARGS)
 	$(VENV)/bin/python bench/ipam_bench.py $(IPAM_BENCH_ARGS)
+	$(VENV)/bin/python bench/ipam_scale_bench.py $(IPAM_SCALE_BENCH_ARGS)
 	$(VENV)/bin/python bench/node_bench.py $(NODE_BENCH_ARGS)
 	$(VENV)/bin/python bench/route_bench.py $(ROUTE_BENCH_ARGS)
 	$(VENV)/bin/python bench/pod_bench.py $(POD_BENCH_ARGS)

@@ -3,19 +3,44 @@
 Pure: no netlink, no CNI, no root. Every datastore write is a compare-and-swap; a lost
 race re-reads and retries (at most `RETRIES` times), exactly as Calico does, so many
 processes and nodes can allocate from one datastore without handing out an IP twice.
+
+Where Calico reads every affine block (two reads each) until one has room, so that an
+ADD on a node with 313 blocks costs ~630 etcd round trips, this engine keeps the same
+data and the same choices at a cost that does not grow with the blocks:
+- `BlockHints` remember each affine block's free addresses and revision. An ADD reads
+  the first hinted block with room together with the IPAM config, pools, reservations
+  and Node in one batched read; the block is used only if it really has room, and is
+  written under CAS as always, so a wrong hint costs a read, never an address.
+- The host's affinities are listed (and blocks of pools that no longer select the node
+  released, as Calico does on every ADD) only when the pools or the Node's labels
+  changed since the last listing, or when no hinted block has room.
+- Before claiming a new block, blocks believed full are checked by revision alone
+  (`Datastore.revisions`), so space freed behind the hints' back (another node's
+  `ipam release`, real Calico on the node) is found and used first.
+- A new block is found by checking the hostname-seeded walk of candidate CIDRs for
+  existence in batches, not by reading every block of the pool; only a pool with no
+  CIDR left falls back to Calico's full read (to reclaim other hosts' empty blocks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from libcalico.datastore.base import AlreadyExists, Conflict, Datastore, KVPair, NotFound
+from libcalico.datastore.base import (
+    AlreadyExists,
+    Conflict,
+    Datastore,
+    KVPair,
+    NotFound,
+    Read,
+)
 from libcalico.model import (
     STATE_CONFIRMED,
     STATE_PENDING,
@@ -36,6 +61,7 @@ from libcalico.model import (
     IPNetwork,
     IPPool,
     IPReservation,
+    Key,
     Node,
     ObjectMeta,
     Reservations,
@@ -142,6 +168,25 @@ def block_cidrs(pool: IPPool, hostname: str) -> Iterator[IPNetwork]:
         yield network_type((base + ((start + i) % count) * step, block_size))
 
 
+def _reservations_of(kvps: list[KVPair], version: int) -> Reservations:
+    networks = []
+    for kvp in kvps:
+        reservation: IPReservation = kvp.value
+        for cidr in reservation.reserved_cidrs:
+            network = ipaddress.ip_network(cidr, strict=False)
+            if network.version == version:
+                networks.append(network)
+    return Reservations(tuple(networks))
+
+
+def _labels_of(node: KVPair | None, hostname: str) -> dict[str, str]:
+    """The Node's labels; IPAM refuses a node that does not exist, as Calico does."""
+    if node is None:
+        raise IPAMError(f"resource does not exist: Node({hostname})")
+    value: Node = node.value
+    return value.metadata.labels
+
+
 def block_cap(config_limit: int, request_limit: int) -> int:
     """The stricter non-zero limit; Calico's implicit 20 when neither is set."""
     limits = [limit for limit in (config_limit, request_limit) if limit > 0]
@@ -180,17 +225,179 @@ class AssignResult:
 
 
 @dataclass
-class _ClaimState:
-    """Affine blocks not yet tried, and how many blocks the host owns (for the cap)."""
+class HostHints:
+    """One host's blocks of one IP version as last seen: CIDR → (revision, free
+    addresses), and the pools' revisions and Node's labels when its affinities were last
+    listed."""
 
-    remaining: list[IPNetwork]
-    owned: int
+    blocks: dict[str, tuple[str, int]] = field(default_factory=dict)
+    selection: str = ""
+    reserved: str = ""  # the reservations the free counts exclude
+
+
+class BlockHints:
+    """What the engine remembers of affine blocks between calls. Never trusted: a block is
+    read before it is used and written under CAS. A long-lived engine keeps its own; the
+    CNI plugin keeps one per node in a file beside the IPAM lock (ipam_plugin/main.py), so
+    standalone calls and the node agent share it."""
+
+    MAX_HOSTS = 16
+
+    def __init__(self, scope: str = "") -> None:
+        self.scope = scope  # which datastore the revisions belong to
+        self.changed = False
+        self._hosts: dict[tuple[str, int], HostHints] = {}
+
+    def of(self, host: str, version: int) -> HostHints:
+        hints = self._hosts.pop((host, version), None) or HostHints()
+        self._hosts[host, version] = hints  # most recently used last
+        while len(self._hosts) > self.MAX_HOSTS:
+            del self._hosts[next(iter(self._hosts))]
+        return hints
+
+    def note(self, host: str, cidr: IPNetwork, revision: str | None, free: int) -> None:
+        blocks = self.of(host, cidr.version).blocks
+        entry = (str(revision), free)
+        if blocks.get(str(cidr)) != entry:
+            blocks[str(cidr)] = entry
+            self.changed = True
+
+    def forget(self, host: str, cidr: IPNetwork) -> None:
+        if self.of(host, cidr.version).blocks.pop(str(cidr), None) is not None:
+            self.changed = True
+
+    def listed(self, host: str, version: int, cidrs: Iterable[IPNetwork], selection: str) -> None:
+        """The host's affinities were just listed under `selection`: drop other blocks."""
+        hints = self.of(host, version)
+        keep = {str(c) for c in cidrs}
+        blocks = {c: entry for c, entry in hints.blocks.items() if c in keep}
+        if blocks != hints.blocks or hints.selection != selection:
+            hints.blocks, hints.selection = blocks, selection
+            self.changed = True
+
+    def reserved(self, host: str, version: int, mark: str) -> None:
+        """Free counts exclude reservations: when those change, start again."""
+        hints = self.of(host, version)
+        if hints.reserved != mark:
+            hints.blocks, hints.reserved = {}, mark
+            self.changed = True
+
+    def to_json(self) -> dict[str, Any]:
+        hosts: dict[str, dict[str, Any]] = {}
+        for (host, version), hints in self._hosts.items():
+            hosts.setdefault(host, {})[str(version)] = {
+                "selection": hints.selection,
+                "reserved": hints.reserved,
+                "blocks": {c: list(entry) for c, entry in hints.blocks.items()},
+            }
+        return {"scope": self.scope, "hosts": hosts}
+
+    @classmethod
+    def from_json(cls, doc: Any, scope: str) -> BlockHints:
+        """Hints stored for `scope`; anything else (another datastore, a damaged or
+        foreign file) gives empty hints, which only cost reads."""
+        hints = cls(scope)
+        try:
+            if doc.get("scope") != scope:
+                return hints
+            for host, versions in doc["hosts"].items():
+                for version, stored in versions.items():
+                    blocks = {
+                        str(ipaddress.ip_network(c)): (str(rev), int(free))
+                        for c, (rev, free) in stored["blocks"].items()
+                    }
+                    hints._hosts[str(host), int(version)] = HostHints(
+                        blocks, str(stored["selection"]), str(stored["reserved"])
+                    )
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return cls(scope)
+        return hints
+
+
+def _affinity_order(cidr: IPNetwork) -> str:
+    """Where a block's affinity sorts in a host's list (etcd key order)."""
+    return str(cidr).replace("/", "-")
+
+
+def _hinted_with_room(hints: HostHints) -> list[IPNetwork]:
+    """Blocks last seen with a free address, in affinity order."""
+    cidrs = [ipaddress.ip_network(c) for c, (_, free) in hints.blocks.items() if free > 0]
+    return sorted(cidrs, key=_affinity_order)
+
+
+def _reservations_mark(reserved: Reservations) -> str:
+    """The reservations a hint's free count was computed against."""
+    return ",".join(sorted(str(n) for n in reserved.networks))
+
+
+@dataclass
+class _Context:
+    """What every auto-assign reads first, in one batched read."""
+
+    config: IPAMConfig
+    reserved: Reservations
+    node_labels: dict[str, str]
+    all_pools: list[IPPool]
+    selection: str  # pools' revisions and Node labels: what the affinities' pool check saw
+    prefetched: dict[IPNetwork, tuple[KVPair | None, KVPair | None]]  # affinity, block
+
+
+@dataclass
+class _ClaimState:
+    """The host's affine blocks in the request's pools: which are left to try (each at
+    most once per request), and how many the host owns (for the cap) once listed."""
+
+    host: str
+    version: int
+    pools: list[IPPool]
+    reserved: Reservations
+    hints: HostHints
+    prefetched: dict[IPNetwork, tuple[KVPair | None, KVPair | None]]
+    listed: list[KVPair] | None = None  # the affinities, once listed
+    owned: int = 0
+    tried: set[IPNetwork] = field(default_factory=set)
+
+    def pool_rank(self, cidr: IPNetwork) -> int | None:
+        return next(
+            (
+                i
+                for i, p in enumerate(self.pools)
+                if cidr.version == p.network.version and cidr.subnet_of(p.network)
+            ),
+            None,
+        )
+
+    def untried(self, cidrs: Iterable[IPNetwork]) -> list[IPNetwork]:
+        """Not tried yet, in a request pool, not wholly reserved: pool order, then key order."""
+        ranked = []
+        for cidr in cidrs:
+            rank = self.pool_rank(cidr)
+            if cidr not in self.tried and rank is not None and not self.reserved.covers(cidr):
+                ranked.append((rank, _affinity_order(cidr), cidr))
+        return [cidr for _, _, cidr in sorted(ranked)]
+
+
+# A handle this engine has not read (None: read, and found missing).
+_UNREAD = object()
+# Candidate CIDRs checked for existence per round trip when claiming: few first (the
+# first is usually free), up to etcd's transaction limit.
+_CLAIM_BATCHES = (8, 32, 128)
+# Affine blocks read per batch when their free space is not known.
+_READ_BATCH = 128
 
 
 class IPAM:
-    def __init__(self, store: Datastore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Datastore,
+        *,
+        clock: Callable[[], float] = time.time,
+        hints: BlockHints | None = None,
+    ) -> None:
         self.store = store
         self._clock = clock
+        self.hints = BlockHints() if hints is None else hints
+        self._handles: dict[str, Any] = {}  # handle ID → its KVPair as last written, or None
 
     # ----------------------------------------------------------------- reads
 
@@ -203,22 +410,41 @@ class IPAM:
     def pools(self) -> list[IPPool]:
         return [kvp.value for kvp in self.store.list(ResourceListOptions("IPPool"))]
 
-    def _reservations(self, version: int) -> Reservations:
-        networks = []
-        for kvp in self.store.list(ResourceListOptions("IPReservation")):
-            reservation: IPReservation = kvp.value
-            for cidr in reservation.reserved_cidrs:
-                network = ipaddress.ip_network(cidr, strict=False)
-                if network.version == version:
-                    networks.append(network)
-        return Reservations(tuple(networks))
-
     def _node_labels(self, hostname: str) -> dict[str, str]:
         try:
-            node: Node = self.store.get(ResourceKey("Node", hostname)).value
+            node = self.store.get(ResourceKey("Node", hostname))
         except NotFound:
-            raise IPAMError(f"resource does not exist: Node({hostname})") from None
-        return node.metadata.labels
+            node = None
+        return _labels_of(node, hostname)
+
+    def _read_context(self, host: str, version: int, candidates: list[IPNetwork]) -> _Context:
+        """Config, reservations, Node, pools, and the hinted blocks with their affinities,
+        in one read of the datastore (one round trip on etcd)."""
+        reads: list[Read] = [
+            IPAMConfigKey(),
+            ResourceListOptions("IPReservation"),
+            ResourceKey("Node", host),
+            ResourceListOptions("IPPool"),
+        ]
+        for cidr in candidates:
+            reads += [BlockAffinityKey(host, cidr), BlockKey(cidr)]
+        config, reservations, node, pools, *blocks = self.store.read_many(reads)
+        assert isinstance(reservations, list) and isinstance(pools, list)
+        assert not isinstance(node, list)
+        labels = _labels_of(node, host)
+        # What decides which pools select the node: the pools as stored, the node's labels
+        # (not its revision: a Kubernetes Node's status changes it every few seconds).
+        selection = " ".join(f"{kvp.value.name}@{kvp.revision}" for kvp in pools)
+        selection += " " + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        prefetched = {cidr: (blocks[2 * i], blocks[2 * i + 1]) for i, cidr in enumerate(candidates)}
+        return _Context(
+            config=config.value if isinstance(config, KVPair) else IPAMConfig(),
+            reserved=_reservations_of(reservations, version),
+            node_labels=labels,
+            all_pools=[kvp.value for kvp in pools],
+            selection=selection,
+            prefetched=prefetched,  # type: ignore[arg-type]
+        )
 
     def ensure_node(self, hostname: str, labels: dict[str, str] | None = None) -> None:
         """Create the Calico Node IPAM insists on (the local datastore has no calico-node)."""
@@ -297,27 +523,33 @@ class IPAM:
             )
         return usable
 
-    def _affine_blocks(
-        self,
-        hostname: str,
-        version: int,
-        pools: list[IPPool],
-        all_pools: list[IPPool],
-        node_labels: dict[str, str],
-    ) -> list[IPNetwork]:
-        """This host's blocks in `pools` (pool order). Empty affine blocks whose pool is
-        gone or no longer selects the node are released on the way."""
-        cidrs = [
-            kvp.key.cidr for kvp in self.store.list(BlockAffinityListOptions(hostname, version))
-        ]
-        in_pools = [c for p in pools for c in cidrs if c.subnet_of(p.network)]
-        for cidr in cidrs:
-            if cidr in in_pools:
+    def _list_affinities(self, state: _ClaimState, ctx: _Context) -> dict[IPNetwork, KVPair]:
+        """The host's affinities in the request's pools, listed once per request. Empty
+        affine blocks whose pool is gone or no longer selects the node are released on the
+        way, as Calico does on every ADD; here on every listing, which happens whenever
+        the pools or the Node changed since the last one."""
+        if state.listed is not None:
+            return {kvp.key.cidr: kvp for kvp in state.listed}
+        enabled = [p for p in ctx.all_pools if p.is_enabled()]
+        kept = []
+        for kvp in self.store.list(BlockAffinityListOptions(state.host, state.version)):
+            cidr = kvp.key.cidr
+            if (
+                state.pool_rank(cidr) is None
+                and not self._selected(cidr, enabled, ctx.node_labels)
+                and self._release_affinity(state.host, cidr)
+            ):
                 continue
-            pool = self._pool_containing(cidr, [p for p in all_pools if p.is_enabled()])
-            if pool is None or not self._selects_node(pool, node_labels):
-                self._release_affinity(hostname, cidr)
-        return in_pools
+            kept.append(kvp)
+        self.hints.listed(state.host, state.version, [k.key.cidr for k in kept], ctx.selection)
+        state.listed = [kvp for kvp in kept if state.pool_rank(kvp.key.cidr) is not None]
+        state.owned = len(state.listed)
+        return {kvp.key.cidr: kvp for kvp in state.listed}
+
+    def _selected(self, cidr: IPNetwork, pools: list[IPPool], node_labels: dict[str, str]) -> bool:
+        """Whether one of `pools` contains the block and selects the node."""
+        pool = self._pool_containing(cidr, pools)
+        return pool is not None and self._selects_node(pool, node_labels)
 
     @staticmethod
     def _pool_containing(cidr: IPNetwork, pools: list[IPPool]) -> IPPool | None:
@@ -367,20 +599,21 @@ class IPAM:
         """Calico's autoAssign: affine blocks, then new claims, then borrowing. Appends to
         `ips` as it goes so the caller can undo a failure; returns shortfall messages."""
         host = req.hostname
-        config = self.config()
-        reserved = self._reservations(version)
-        node_labels = self._node_labels(host)
-        all_pools = self.pools()
-        pools = self._determine_pools(all_pools, version, requested, req, node_labels)
-        affine = self._affine_blocks(host, version, pools, all_pools, node_labels)
-        state = _ClaimState(affine, len(affine))
+        hints = self.hints.of(host, version)
+        ctx = self._read_context(host, version, _hinted_with_room(hints)[:1])
+        config, reserved = ctx.config, ctx.reserved
+        pools = self._determine_pools(ctx.all_pools, version, requested, req, ctx.node_labels)
+        self.hints.reserved(host, version, _reservations_mark(reserved))
+        state = _ClaimState(host, version, pools, reserved, hints, ctx.prefetched)
+        if hints.selection != ctx.selection:
+            self._list_affinities(state, ctx)
         cap = block_cap(config.max_blocks_per_host, req.max_blocks_per_host)
 
         for _ in range(RETRIES + num):
             if len(ips) >= num:
                 break
             try:
-                kvp = self._find_or_claim_block(host, pools, state, cap, config, reserved)
+                kvp = self._find_or_claim_block(state, ctx, cap)
             except _NoFreeBlocks:
                 break
             ips += self._assign_from_block(
@@ -395,71 +628,172 @@ class IPAM:
             return []
         return [f"No IPs available in pools: {_go_list([p.spec.cidr for p in pools])}"]
 
-    def _find_or_claim_block(
-        self,
-        host: str,
-        pools: list[IPPool],
-        state: _ClaimState,
-        cap: int,
-        config: IPAMConfig,
-        reserved: Reservations,
-    ) -> KVPair:
-        """A block affine to `host` with a free address: an existing one, else a new claim."""
-        while state.remaining:
-            cidr = state.remaining.pop(0)
-            if reserved.covers(cidr):
-                continue
-            kvp = self._block_from_affinity(host, cidr)
-            if kvp is not None and kvp.value.free_ordinals(reserved):
-                return kvp
+    def _find_or_claim_block(self, state: _ClaimState, ctx: _Context, cap: int) -> KVPair:
+        """A block affine to the host with a free address: an existing one, else a new claim."""
+        kvp = self._affine_block_with_room(state, ctx)
+        if kvp is not None:
+            return kvp
         if state.owned >= cap:
             raise IPAMError(BLOCK_LIMIT_MESSAGE)
-        if not config.auto_allocate_blocks:
+        if not ctx.config.auto_allocate_blocks:
             raise _NoFreeBlocks("failed to find or claim a block")
 
+        affine = {kvp.key.cidr for kvp in state.listed or ()}
+
         def attempt() -> tuple[KVPair, bool]:
-            cidr = self._find_usable_block(host, pools, reserved)
-            return self._claim_block(host, cidr)
+            cidr = self._find_usable_block(state.host, state.pools, state.reserved, affine)
+            return self._claim_block(state.host, cidr)
 
         kvp, newly_claimed = _with_retries(attempt)
         state.owned += int(newly_claimed)
+        state.tried.add(kvp.key.cidr)
+        self._note(kvp, state.reserved)
         return kvp
 
-    def _block_from_affinity(self, host: str, cidr: IPNetwork) -> KVPair | None:
-        """The block behind one of our affinities, confirming a half-done claim, recreating
-        a block lost in a crash, and dropping the affinity if the block is someone else's."""
+    def _affine_block_with_room(self, state: _ClaimState, ctx: _Context) -> KVPair | None:
+        """Blocks the hints say have room first (one read each, the first already read
+        with the context); then, from the listed affinities, blocks with no hint (read in
+        batches), then blocks believed full whose revision changed."""
+        kvp = self._hinted_block_with_room(state)
+        if kvp is not None:
+            return kvp
+        listed = self._list_affinities(state, ctx)
+        unknown = state.untried(c for c in listed if str(c) not in state.hints.blocks)
+        kvp = self._first_with_room(state, listed, unknown)
+        if kvp is not None:
+            return kvp
+        suspects = state.untried(listed)
+        if not suspects:
+            return None
+        current = self.store.revisions([BlockKey(c) for c in suspects])
+        changed = []
+        for cidr in suspects:
+            seen = state.hints.blocks.get(str(cidr))
+            if seen is not None and current.get(BlockKey(cidr)) == seen[0]:
+                state.tried.add(cidr)  # full when last seen, and unchanged since
+            else:
+                changed.append(cidr)
+        return self._first_with_room(state, listed, changed)
 
-        def attempt() -> KVPair | None:
-            try:
-                affinity = self.store.get(BlockAffinityKey(host, cidr))
-            except NotFound:
-                return None
-            try:
-                block = self.store.get(BlockKey(cidr))
-            except NotFound:
-                return self._claim_block(host, cidr)[0]
-            if block.value.affinity != host_affinity(host):
-                self._delete_if_present(affinity)
-                return None
-            if not affinity.value.is_confirmed():
-                affinity = self._set_affinity_state(affinity, STATE_PENDING)
-                block.value.sequence_number += 1
-                block = self.store.update(block)
-                self._set_affinity_state(affinity, STATE_CONFIRMED)
-            return block
+    def _hinted_block_with_room(self, state: _ClaimState) -> KVPair | None:
+        for cidr in state.untried(_hinted_with_room(state.hints)):
+            state.tried.add(cidr)
+            affinity, block = state.prefetched.pop(cidr, None) or self._read_pair(state.host, cidr)
+            if affinity is None:
+                self.hints.forget(state.host, cidr)
+                continue
+            kvp = self._usable_block(state, affinity, block)
+            if kvp is not None:
+                return kvp
+        return None
 
-        return _with_retries(attempt)
+    def _first_with_room(
+        self, state: _ClaimState, listed: dict[IPNetwork, KVPair], cidrs: list[IPNetwork]
+    ) -> KVPair | None:
+        """The first of `cidrs` (affine blocks, in order) with room, reading them in
+        batches; blocks read but not reached are kept for later and their hints noted."""
+        for start in range(0, len(cidrs), _READ_BATCH):
+            chunk = cidrs[start : start + _READ_BATCH]
+            unread = [c for c in chunk if c not in state.prefetched]
+            blocks = self.store.read_many([BlockKey(c) for c in unread])
+            for cidr, block in zip(unread, blocks, strict=True):
+                assert not isinstance(block, list)
+                state.prefetched[cidr] = (listed[cidr], block)
+                if block is not None and block.value.affinity == host_affinity(state.host):
+                    self._note(block, state.reserved)
+            for cidr in chunk:
+                state.tried.add(cidr)
+                affinity, block = state.prefetched.pop(cidr)
+                kvp = self._usable_block(state, affinity, block) if affinity else None
+                if kvp is not None:
+                    return kvp
+        return None
+
+    def _read_pair(self, host: str, cidr: IPNetwork) -> tuple[KVPair | None, KVPair | None]:
+        affinity, block = self.store.read_many([BlockAffinityKey(host, cidr), BlockKey(cidr)])
+        assert not isinstance(affinity, list) and not isinstance(block, list)
+        return affinity, block
+
+    def _usable_block(
+        self, state: _ClaimState, affinity: KVPair, block: KVPair | None
+    ) -> KVPair | None:
+        """The block behind one of our affinities if it has a free address; hints noted."""
+        kvp = self._block_from_affinity(state.host, affinity, block)
+        if kvp is None:
+            self.hints.forget(state.host, affinity.key.cidr)
+            return None
+        self._note(kvp, state.reserved)
+        return kvp if kvp.value.free_ordinals(state.reserved) else None
+
+    def _note(self, kvp: KVPair, reserved: Reservations) -> None:
+        """Remember a block as just read or written, for its host's next call."""
+        block: AllocationBlock = kvp.value
+        if block.affinity and block.affinity.startswith("host:"):
+            host = block.affinity.removeprefix("host:")
+            self.hints.note(host, block.cidr, kvp.revision, len(block.free_ordinals(reserved)))
+
+    def _block_from_affinity(
+        self, host: str, affinity: KVPair, block: KVPair | None
+    ) -> KVPair | None:
+        """The block behind one of our affinities (both as just read), confirming a
+        half-done claim, recreating a block lost in a crash, and dropping the affinity if
+        the block is someone else's; a lost race re-reads both."""
+        cidr = affinity.key.cidr
+        for _ in range(RETRIES):
+            try:
+                return self._settle_affinity(host, affinity, block)
+            except _RETRYABLE:
+                pair = self._read_pair(host, cidr)
+                if pair[0] is None:
+                    return None
+                affinity, block = pair  # type: ignore[assignment]
+        raise IPAMRetriesExhausted(MAX_RETRIES_MESSAGE)
+
+    def _settle_affinity(self, host: str, affinity: KVPair, block: KVPair | None) -> KVPair | None:
+        if block is None:
+            return self._claim_block(host, affinity.key.cidr)[0]
+        if block.value.affinity != host_affinity(host):
+            self._delete_if_present(affinity)
+            return None
+        if not affinity.value.is_confirmed():
+            affinity = self._set_affinity_state(affinity, STATE_PENDING)
+            block.value.sequence_number += 1
+            block = self.store.update(block)
+            self._set_affinity_state(affinity, STATE_CONFIRMED)
+        return block
 
     def _blocks_by_cidr(self, pools: list[IPPool]) -> dict[IPNetwork, KVPair]:
         """Every block of the pools' IP version, in one datastore read."""
         version = pools[0].network.version
         return {kvp.key.cidr: kvp for kvp in self.store.list(BlockListOptions(version))}
 
+    def _unclaimed_cidr(
+        self, pool: IPPool, host: str, reserved: Reservations, affine: set[IPNetwork]
+    ) -> IPNetwork | None:
+        """The first CIDR of the pool's hostname-seeded walk with no block, checking
+        candidates for existence in growing batches instead of reading every block. The
+        host's own blocks (`affine`), where its walk starts, are known to exist."""
+        walk = (c for c in block_cidrs(pool, host) if c not in affine and not reserved.covers(c))
+        for size in itertools.chain(_CLAIM_BATCHES, itertools.repeat(_CLAIM_BATCHES[-1])):
+            chunk = list(itertools.islice(walk, size))
+            if not chunk:
+                return None
+            present = self.store.revisions([BlockKey(c) for c in chunk])
+            free = next((c for c in chunk if BlockKey(c) not in present), None)
+            if free is not None:
+                return free
+        return None  # unreachable: the walk ends
+
     def _find_usable_block(
-        self, host: str, pools: list[IPPool], reserved: Reservations
+        self, host: str, pools: list[IPPool], reserved: Reservations, affine: set[IPNetwork]
     ) -> IPNetwork:
-        """First CIDR (hostname-seeded walk of each pool) with no block yet or with our
-        free block; failing that, reclaim another host's long-empty block."""
+        """First CIDR (hostname-seeded walk of each pool) with no block yet. Only when
+        every CIDR has one, Calico's full read: a block of ours with room that lost its
+        affinity, else another host's long-empty block to reclaim."""
+        for pool in pools:
+            cidr = self._unclaimed_cidr(pool, host, reserved, affine)
+            if cidr is not None:
+                return cidr
         blocks = self._blocks_by_cidr(pools)
         ours = host_affinity(host)
         reclaimable: list[KVPair] = []
@@ -547,7 +881,10 @@ class IPAM:
             self._delete_if_present(affinity)
             return True
 
-        return _with_retries(attempt)
+        released = _with_retries(attempt)
+        if released:
+            self.hints.forget(host, cidr)
+        return released
 
     def _assign_from_block(
         self,
@@ -571,7 +908,7 @@ class IPAM:
             self._change_handle(handle_id, str(block.cidr), _add(len(ordinals)))
             block.sequence_number += 1
             try:
-                self.store.update(kvp)
+                self._note(self.store.update(kvp), reserved)
                 return [block.interface(o) for o in ordinals]
             except (Conflict, NotFound):
                 self._change_handle(handle_id, str(block.cidr), _add(-len(ordinals)))
@@ -654,46 +991,66 @@ class IPAM:
             self._change_handle(handle_id, str(cidr), _add(1))
             block.sequence_number += 1
             try:
-                self.store.update(kvp)
+                kvp = self.store.update(kvp)
             except (Conflict, NotFound):
                 self._change_handle(handle_id, str(cidr), _add(-1))
                 continue
+            self._note(kvp, Reservations())
             return block.interface(ordinal)
         raise IPAMRetriesExhausted(MAX_RETRIES_MESSAGE)
 
     # --------------------------------------------------------------- handles
 
     def _change_handle(self, handle_id: str, block: str, new_count: Callable[[int], int]) -> None:
-        """CAS-update one block's count in a handle; create it / delete it when empty."""
+        """CAS-update one block's count in a handle; create it / delete it when empty.
+        The handle as this engine last read or wrote it is the first guess (a new pod's
+        handle is created without reading it first); a lost race re-reads it."""
         key = HandleKey(handle_id)
-
-        def attempt() -> None:
+        known = self._handles.pop(handle_id, _UNREAD)
+        for _ in range(RETRIES):
             try:
-                kvp = self.store.get(key)
-            except NotFound:
-                count = new_count(0)
-                if count > 0:
-                    self.store.create(KVPair(key, IPAMHandle({block: count})))
+                self._handles[handle_id] = self._write_handle(key, block, new_count, known)
                 return
-            counts = kvp.value.block
-            count = new_count(counts.get(block, 0))
-            if count > 0:
-                counts[block] = count
-            else:
-                counts.pop(block, None)
-            if counts:
-                self.store.update(kvp)
-            else:
-                self.store.delete(kvp)
+            except (*_RETRYABLE, NotFound):
+                known = self._get_or_none(key)
+        raise IPAMRetriesExhausted(MAX_RETRIES_MESSAGE)
 
-        _with_retries(attempt)
+    def _write_handle(
+        self, key: HandleKey, block: str, new_count: Callable[[int], int], known: Any
+    ) -> KVPair | None:
+        """Write the new count given the handle as believed stored; returns it as stored."""
+        if known is _UNREAD and new_count(0) <= 0:
+            known = self._get_or_none(key)  # nothing to create: change what is there
+        if known is _UNREAD or known is None:
+            count = new_count(0)
+            if count <= 0:
+                return None
+            return self.store.create(KVPair(key, IPAMHandle({block: count})))
+        counts = dict(known.value.block)
+        count = new_count(counts.get(block, 0))
+        if count > 0:
+            counts[block] = count
+        else:
+            counts.pop(block, None)
+        if counts:
+            return self.store.update(KVPair(key, IPAMHandle(counts), known.revision))
+        self.store.delete(known)
+        return None
+
+    def _get_or_none(self, key: Key) -> KVPair | None:
+        try:
+            return self.store.get(key)
+        except NotFound:
+            return None
 
     def list_handles(self) -> list[str]:
         """Stored handle IDs, unsanitised so that they can be passed to release_by_handle."""
         return [kvp.key.handle_id for kvp in self.store.list(HandleListOptions())]
 
     def _handle_blocks(self, handle_id: str) -> list[str]:
-        return list(self.store.get(HandleKey(handle_id)).value.block)  # NotFound propagates
+        kvp = self.store.get(HandleKey(handle_id))  # NotFound propagates
+        self._handles[handle_id] = kvp
+        return list(kvp.value.block)
 
     def _blocks_of_handle(self, handle_id: str) -> Iterator[AllocationBlock]:
         for cidr in self._handle_blocks(handle_id):
@@ -792,7 +1149,7 @@ class IPAM:
                 self.store.delete(kvp)
             else:
                 block.sequence_number += 1
-                self.store.update(kvp)
+                self._note(self.store.update(kvp), Reservations())
             return [block.ip(o) for o in ordinals], handles, block
 
         freed, handles, block = _with_retries(attempt)

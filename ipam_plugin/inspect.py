@@ -15,6 +15,7 @@ from libcalico.model import (
     AllocationAttribute,
     AllocationBlock,
     BlockAffinityListOptions,
+    BlockKey,
     BlockListOptions,
     HandleListOptions,
     IPAMConfig,
@@ -222,9 +223,18 @@ def check_consistency(store: Datastore) -> ConsistencyReport:
 
 def assignment(store: Datastore, ip: str) -> AllocationAttribute | None:
     """The owner of `ip` (handle and workload), read from the block that contains it, or
-    None: for `ipam show --ip`."""
+    None: for `ipam show --ip`. The block is the address masked by its pool's block size,
+    so one block is read, not every block (a block outside every pool is searched for)."""
     address = ipaddress.ip_address(ip)
-    for kvp in store.list(BlockListOptions(address.version)):
+    candidates = [
+        ipaddress.ip_network((address, p.spec.block_size), strict=False)
+        for p in _pools(store)
+        if address in p.network
+    ]
+    blocks = [kvp for kvp in store.read_many([BlockKey(c) for c in candidates]) if kvp]
+    if not candidates:
+        blocks = store.list(BlockListOptions(address.version))
+    for kvp in blocks:
         block = kvp.value
         if address in block.cidr:
             index = block.allocations[block.ordinal(address)]

@@ -7,9 +7,13 @@ datastore under the node-wide lock. Range mode keeps host-local's on-disk format
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
@@ -32,10 +36,12 @@ from ipam_plugin.lock import IPAMLockTimeout, ipam_lock
 from libcalico.datastore.base import NotFound
 
 if TYPE_CHECKING:
-    from ipam_plugin.engine import IPAM
+    from ipam_plugin.engine import IPAM, BlockHints
     from libcalico.datastore.config import DatastoreSettings
 
 COMPONENT = "ipam"
+# A node's hints are ~60 bytes a block: far below this even with thousands of blocks.
+MAX_HINTS_BYTES = 4 * 1024 * 1024
 log = logging.getLogger(COMPONENT)
 
 
@@ -56,16 +62,67 @@ def _settings(req: Request, conf: NetConf) -> DatastoreSettings:
 
 @contextmanager
 def _engine(settings: DatastoreSettings, conf: NetConf, locked: bool = False) -> Iterator[IPAM]:
-    """The engine on the datastore, holding the node's IPAM lock when `locked`; datastore
-    failures come out as CNI errors."""
+    """The engine on the datastore, holding the node's IPAM lock when `locked` (with the
+    node's block hints, kept beside the lock); datastore failures come out as CNI errors."""
     from ipam_plugin.engine import IPAM
 
     lock = ipam_lock(conf.ipam_lock_file, conf.ipam_lock_timeout) if locked else nullcontext()
+    hints_path = conf.ipam_lock_file + ".hints"
+    hints = _node_hints(hints_path, _hint_scope(settings)) if locked else nullcontext(None)
     try:
-        with translate_errors(), settings.open() as store, lock:
-            yield IPAM(store)
+        with translate_errors(), settings.open() as store, lock, hints as node_hints:
+            yield IPAM(store, hints=node_hints)
     except IPAMLockTimeout as err:
         raise CNIError(ERR_TRY_AGAIN_LATER, str(err), err.holder) from err
+
+
+def _hint_scope(settings: DatastoreSettings) -> str:
+    """Which datastore the hints' revisions belong to (never a credential)."""
+    if settings.type == "local":
+        return f"local {settings.local_path}"
+    if settings.type == "etcdv3":
+        return f"etcdv3 {settings.etcd_endpoints}"
+    kubernetes = settings.kube_conf.get("kubernetes") or {}
+    return f"kubernetes {kubernetes.get('kubeconfig', '')} {kubernetes.get('k8s_api_root', '')}"
+
+
+@contextmanager
+def _node_hints(path: str, scope: str) -> Iterator[BlockHints]:
+    """The node's block hints (engine.BlockHints), read after the IPAM lock is taken and
+    written back before it is released. A missing, unreadable, oversized or foreign-owned
+    file means no hints, and a failed write is only logged: hints save reads, they never
+    decide an address."""
+    from ipam_plugin.engine import BlockHints
+
+    hints = BlockHints(scope)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            text = f.read(MAX_HINTS_BYTES + 1)
+            if os.fstat(f.fileno()).st_uid == os.geteuid() and len(text) <= MAX_HINTS_BYTES:
+                hints = BlockHints.from_json(json.loads(text), scope)
+    except (OSError, ValueError):
+        pass  # none yet, or not ours to trust
+    try:
+        yield hints
+    finally:
+        if hints.changed:
+            _write_hints(path, hints)
+
+
+def _write_hints(path: str, hints: BlockHints) -> None:
+    """Replace the file atomically (0600, never through a planted link)."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(hints.to_json(), f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except OSError as err:
+        fields = {"path": path, "error": str(err)}
+        log.warning("Could not save IPAM block hints", extra={"fields": fields})
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _is_range_mode(ipam: IPAMConf) -> bool:

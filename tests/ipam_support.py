@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ipam_plugin import inspect
@@ -20,7 +21,7 @@ from libcalico.model import (
     ObjectMeta,
     ResourceKey,
 )
-from tests.harness import calico_conf
+from tests.harness import CNIResult, bin_dir, calico_conf, run_plugin
 
 
 @dataclass
@@ -102,3 +103,20 @@ def local_ipam_conf(store: LocalStore, lock_dir: str, **extra: Any) -> dict[str,
         ipam_lock_file=f"{lock_dir}/ipam.lock",
         **extra,
     )
+
+
+def run_ipam(
+    command: str, conf: dict[str, Any], container_id: str, cni_path: Path | None = None
+) -> CNIResult:
+    """The calico-ipam of `cni_path` (ours by default) called on its own, as the calico
+    plugin delegates to it: the pod's netns is never entered, so none is made."""
+    directory = cni_path or bin_dir()
+    env = {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": "/var/run/netns/unused",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "",
+        "CNI_PATH": str(directory),
+    }
+    return run_plugin([str(directory / "calico-ipam")], env, conf)

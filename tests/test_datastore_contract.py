@@ -183,3 +183,42 @@ def test_a_large_list_comes_back_whole_and_in_key_order(store: Datastore) -> Non
     listed = store.list(HandleListOptions())
     assert [kvp.key.handle_id for kvp in listed] == names
     assert all(kvp.value == IPAMHandle({"10.0.0.0/26": 1}) for kvp in listed)
+
+
+def test_read_many_answers_gets_and_lists_in_order(store: Datastore) -> None:
+    store.create(KVPair(HandleKey("h"), IPAMHandle({"10.0.0.0/26": 1})))
+    store.create(KVPair(BlockAffinityKey("node1", NET("10.0.0.0/26")), BlockAffinity()))
+    doc = {"metadata": {"name": "p"}, "spec": {"cidr": "10.1.0.0/16"}}
+    store.create(KVPair(ResourceKey("IPPool", "p"), IPPool.from_json(doc)))
+    reads = [
+        HandleKey("h"),
+        HandleKey("missing"),
+        ResourceListOptions("IPPool"),
+        BlockAffinityListOptions("node1", 4),
+        ResourceListOptions("IPReservation"),
+        IPAMConfigKey(),
+    ]
+    answers = store.read_many(reads)
+    pools, affinities = store.list(reads[2]), store.list(reads[3])
+    assert answers == [store.get(HandleKey("h")), None, pools, affinities, [], None]
+    assert len(pools) == len(affinities) == 1
+    assert store.read_many([]) == []
+
+
+def test_read_many_of_more_reads_than_one_etcd_transaction_holds(store: Datastore) -> None:
+    keys = [HandleKey(f"h{i:03d}") for i in range(300)]
+    for key in keys[::2]:
+        store.create(KVPair(key, IPAMHandle({"10.0.0.0/26": 1})))
+    answers = store.read_many(keys)
+    assert [kvp is not None for kvp in answers] == [i % 2 == 0 for i in range(300)]
+    assert all(kvp.key == key for kvp, key in zip(answers, keys, strict=True) if kvp)
+
+
+def test_revisions_tell_present_keys_and_their_current_revision(store: Datastore) -> None:
+    first = store.create(KVPair(HandleKey("a"), IPAMHandle({"10.0.0.0/26": 1})))
+    second = store.create(KVPair(HandleKey("b"), IPAMHandle({"10.0.0.0/26": 1})))
+    second = store.update(KVPair(second.key, IPAMHandle({"10.0.0.0/26": 2}), second.revision))
+    keys = [HandleKey("a"), HandleKey("b"), HandleKey("gone"), *map(HandleKey, "cdefg")]
+    assert store.revisions(keys) == {first.key: first.revision, second.key: second.revision}
+    store.delete(first)
+    assert store.revisions(keys) == {second.key: second.revision}

@@ -8,10 +8,15 @@ stale `revision`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from libcalico.model import Key, ListOptions
+
+# One read of a batch: a key (answered with its pair, or None when missing) or list
+# options (answered with the list).
+Read = Key | ListOptions
 
 
 @dataclass
@@ -21,6 +26,10 @@ class KVPair:
     key: Key
     value: Any
     revision: str | None = None
+
+
+# What `read_many` answers for one Read.
+Answer = KVPair | list[KVPair] | None
 
 
 class DatastoreError(Exception):
@@ -64,6 +73,27 @@ class Datastore(ABC):
     @abstractmethod
     def list(self, options: ListOptions) -> list[KVPair]:
         """All pairs selected by `options`, in key order (etcd's order)."""
+
+    def read_many(self, reads: Sequence[Read]) -> list[Answer]:
+        """Answer several gets and lists, in order, in as few round trips as the backend
+        allows (etcd: one transaction per 128 reads). Not necessarily one snapshot: the
+        writes that follow are compare-and-swap, which is what keeps them correct."""
+        answers: list[Answer] = []
+        for read in reads:
+            if isinstance(read, ListOptions):
+                answers.append(self.list(read))
+                continue
+            try:
+                answers.append(self.get(read))
+            except NotFound:
+                answers.append(None)
+        return answers
+
+    def revisions(self, keys: Sequence[Key]) -> dict[Key, str]:
+        """The current revision of each key that exists, where the backend can tell it
+        without the value: whether a remembered object changed, whether a key is free."""
+        pairs = self.read_many(keys)
+        return {kvp.key: kvp.revision for kvp in pairs if isinstance(kvp, KVPair)}
 
     @abstractmethod
     def create(self, kvp: KVPair) -> KVPair:

@@ -14,10 +14,10 @@ is closed, not kept.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from libcalico.datastore.base import Datastore, DatastoreUnavailable, KVPair
+from libcalico.datastore.base import Answer, Datastore, DatastoreUnavailable, KVPair, Read
 from libcalico.model import Key, ListOptions
 
 MAX_IDLE = 16
@@ -77,6 +77,12 @@ class Borrowed(Datastore):
 
     def list(self, options: ListOptions) -> list[KVPair]:
         return self._call("list", options)
+
+    def read_many(self, reads: Sequence[Read]) -> list[Answer]:
+        return self._call("read_many", reads)
+
+    def revisions(self, keys: Sequence[Key]) -> dict[Key, str]:
+        return self._call("revisions", keys)
 
     def create(self, kvp: KVPair) -> KVPair:
         return self._call("create", kvp)

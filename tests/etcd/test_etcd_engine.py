@@ -10,7 +10,7 @@ from ipam_plugin.engine import IPAM, AutoAssignRequest
 from ipam_plugin.inspect import check_consistency, pool_usage
 from libcalico.datastore.base import KVPair
 from libcalico.datastore.config import DatastoreSettings
-from libcalico.model import IPPool, ResourceKey
+from libcalico.model import IPAMConfig, IPAMConfigKey, IPPool, ResourceKey
 from tests.etcd_fixture import EtcdCluster
 from tests.ipam_support import results_of_processes
 
@@ -124,3 +124,22 @@ def test_concurrent_processes_on_two_nodes_never_share_an_ip(etcd: EtcdCluster) 
         report = check_consistency(store)
         assert report.ok, report
         assert pool_usage(store)[0].in_use == 80
+
+
+def test_round_trips_do_not_grow_with_the_nodes_blocks(clean_etcd: EtcdCluster) -> None:
+    """Real Calico reads two keys per full block before the one with room (ipam-scale.md):
+    ~630 round trips on a node with 313 blocks. Here: one batched read, then the writes."""
+    seed(clean_etcd, "10.244.0.0/16", ["small", "large"])
+    trips = {}
+    with clean_etcd.open_store() as store:
+        config = KVPair(IPAMConfigKey(), IPAMConfig(strict_affinity=True, max_blocks_per_host=100))
+        store.create(config)
+        ipam = IPAM(store)
+        for host, blocks in (("small", 2), ("large", 40)):
+            ipam.auto_assign(AutoAssignRequest(f"fill.{host}", host, {}, num_v4=blocks * 64 - 8))
+            ipam.auto_assign(AutoAssignRequest(f"warm.{host}", host, {}))
+            before = store.round_trips
+            v4, _ = ipam.auto_assign(AutoAssignRequest(f"net.{host}", host, {}))
+            assert len(v4.ips) == 1
+            trips[host] = store.round_trips - before
+    assert trips == {"small": 3, "large": 3}

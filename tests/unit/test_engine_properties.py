@@ -1,4 +1,8 @@
-"""Random assign / release / claim sequences across hosts and pools keep IPAM consistent."""
+"""Random assign / release / claim sequences across hosts and pools keep IPAM consistent.
+
+Three engines share the datastore: two keep their block hints from call to call (like two
+nodes' agents, or an agent and real Calico), the third starts cold every time, so each
+engine's hints are regularly outrun by the others' writes."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from libcalico.model import BlockListOptions, IPAMConfig, IPAMConfigKey, IPPool,
 
 HOSTS = ("node1", "node2", "node3")
 POOLS = {"p1": ("10.0.0.0/28", 30), "p2": ("10.1.0.0/29", 29)}
+ENGINES = st.integers(0, 2)
 ALL_ADDRESSES = [str(ip) for cidr, _ in POOLS.values() for ip in ipaddress.ip_network(cidr)] + [
     "192.168.7.7"
 ]
@@ -40,7 +45,8 @@ class IPAMMachine(RuleBasedStateMachine):
         self.directory = tempfile.mkdtemp(prefix="ipam-prop-")
         self.store = LocalDatastore(str(Path(self.directory) / "calico.db"))
         self.clock = Clock()
-        self.ipam = IPAM(self.store, clock=self.clock)
+        self.warm = [IPAM(self.store, clock=self.clock) for _ in range(2)]
+        self.ipam = self.warm[0]
         self.expected: dict[str, str] = {}
         self.handles = 0
 
@@ -58,6 +64,10 @@ class IPAMMachine(RuleBasedStateMachine):
         for host in HOSTS:
             self.ipam.ensure_node(host)
 
+    def _engine(self, which: int) -> IPAM:
+        """A warm engine (0, 1) or a cold one (2)."""
+        return self.warm[which] if which < len(self.warm) else IPAM(self.store, clock=self.clock)
+
     def _new_handle(self) -> str:
         self.handles += 1
         return f"net.c{self.handles}"
@@ -71,14 +81,17 @@ class IPAMMachine(RuleBasedStateMachine):
         num=st.integers(1, 3),
         pools=st.sampled_from([[], ["p1"], ["p2"], ["p2", "p1"]]),
         reuse=st.none() | st.integers(0, 50),
+        engine=ENGINES,
     )
-    def auto_assign(self, host: str, num: int, pools: list[str], reuse: int | None) -> None:
+    def auto_assign(
+        self, host: str, num: int, pools: list[str], reuse: int | None, engine: int
+    ) -> None:
         handle_id = (self._existing_handle(reuse) if reuse is not None else None) or (
             self._new_handle()
         )
         request = AutoAssignRequest(handle_id, host, {"node": host}, num_v4=num, ipv4_pools=pools)
         try:
-            v4, _ = self.ipam.auto_assign(request)
+            v4, _ = self._engine(engine).auto_assign(request)
         except IPAMError as err:
             assert "per host block limit" in str(err)
             return
@@ -88,11 +101,11 @@ class IPAMMachine(RuleBasedStateMachine):
             self.expected[address] = handle_id
         assert len(v4.ips) == num or v4.msgs
 
-    @rule(host=st.sampled_from(HOSTS), address=st.sampled_from(ALL_ADDRESSES))
-    def assign_ip(self, host: str, address: str) -> None:
+    @rule(host=st.sampled_from(HOSTS), address=st.sampled_from(ALL_ADDRESSES), engine=ENGINES)
+    def assign_ip(self, host: str, address: str, engine: int) -> None:
         handle_id = self._new_handle()
         try:
-            ip = self.ipam.assign_ip(address, handle_id, {"node": host}, host)
+            ip = self._engine(engine).assign_ip(address, handle_id, {"node": host}, host)
         except IPAMError as err:
             assert (
                 address in self.expected
@@ -104,19 +117,19 @@ class IPAMMachine(RuleBasedStateMachine):
         assert str(ip.ip) == address
         self.expected[address] = handle_id
 
-    @rule(index=st.integers(0, 50))
-    def release_by_handle(self, index: int) -> None:
+    @rule(index=st.integers(0, 50), engine=ENGINES)
+    def release_by_handle(self, index: int, engine: int) -> None:
         handle_id = self._existing_handle(index)
         if handle_id is None:
             return
-        released = {str(ip) for ip in self.ipam.release_by_handle(handle_id)}
+        released = {str(ip) for ip in self._engine(engine).release_by_handle(handle_id)}
         assert released == {a for a, h in self.expected.items() if h == handle_id}
         for address in released:
             del self.expected[address]
 
-    @rule(address=st.sampled_from(ALL_ADDRESSES))
-    def release_ip(self, address: str) -> None:
-        unallocated = self.ipam.release_ips([address])
+    @rule(address=st.sampled_from(ALL_ADDRESSES), engine=ENGINES)
+    def release_ip(self, address: str, engine: int) -> None:
+        unallocated = self._engine(engine).release_ips([address])
         assert unallocated == ([] if address in self.expected else [address])
         self.expected.pop(address, None)
 
