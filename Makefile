@@ -34,6 +34,7 @@ build:
 	mkdir -p $(DIST)/bin
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-ipam
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-node
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calicoctl
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/kubectl-calico
 
@@ -46,6 +47,7 @@ install:
 	mv $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-node
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calicoctl
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/kubectl-calico
 
@@ -61,13 +63,16 @@ demo: build
 	scripts/install-deps demo
 	scripts/demo
 
-# One run of the benchmarks (bench/README.md); options via CNI_BENCH_ARGS / IPAM_BENCH_ARGS /
-# IPAM_SCALE_BENCH_ARGS.
+# One run of each benchmark (bench/README.md); options via CNI_BENCH_ARGS, IPAM_BENCH_ARGS,
+# IPAM_SCALE_BENCH_ARGS, NODE_BENCH_ARGS, ROUTE_BENCH_ARGS, POD_BENCH_ARGS.
 bench: build
 	scripts/install-deps test
 	$(VENV)/bin/python bench/cni_bench.py $(CNI_BENCH_ARGS)
 	$(VENV)/bin/python bench/ipam_bench.py $(IPAM_BENCH_ARGS)
 	$(VENV)/bin/python bench/ipam_scale_bench.py $(IPAM_SCALE_BENCH_ARGS)
+	$(VENV)/bin/python bench/node_bench.py $(NODE_BENCH_ARGS)
+	$(VENV)/bin/python bench/route_bench.py $(ROUTE_BENCH_ARGS)
+	$(VENV)/bin/python bench/pod_bench.py $(POD_BENCH_ARGS)
 
 clean:
 	rm -rf build dist

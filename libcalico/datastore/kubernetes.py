@@ -839,25 +839,58 @@ class KubernetesDatastore(Datastore):
         return kvp
 
     def list(self, options: ListOptions) -> list[KVPair]:
+        return self.list_versioned(options)[0]
+
+    def list_versioned(self, options: ListOptions) -> tuple[list[KVPair], list[str]]:
+        """The pairs, and for each collection `options` spans (watch_targets) the list's
+        resourceVersion to watch it from (kubernetes_watch.py)."""
         codecs, selector = _list_plan(options)
         pairs = []
+        versions = []
         for codec in codecs:
-            for obj in self._list_objects(codec, selector):
+            version: list[str] = []
+            for obj in self._list_objects(codec, selector, version):
                 if not codec.selects(obj):
                     continue
                 kvp = self._decode(codec, obj)
                 if _selected(options, kvp.key) and not self._marked_deleted(codec, kvp):
                     pairs.append(kvp)
-        return pairs
+            versions.append(version[0] if version else "")
+        return pairs, versions
 
-    def _list_objects(self, codec: Codec, selector: str) -> Iterator[dict[str, Any]]:
-        """Every object of the collection, in pages (the API server's `continue` token)."""
+    def watch_targets(self, options: ListOptions) -> list[tuple[str, str]]:
+        """(collection path, label selector) of each collection `options` spans."""
+        codecs, selector = _list_plan(options)
+        return [(codec.collection(), selector) for codec in codecs]
+
+    def decode_watched(
+        self, options: ListOptions, target: int, obj: dict[str, Any]
+    ) -> KVPair | None:
+        """An object of watch target `target` as a pair (value None when it is marked
+        deleted), or None when `options` does not select it."""
+        codec = _list_plan(options)[0][target]
+        if not codec.selects(obj):
+            return None
+        kvp = self._decode(codec, obj)
+        if not _selected(options, kvp.key):
+            return None
+        if self._marked_deleted(codec, kvp):
+            kvp.value = None
+        return kvp
+
+    def _list_objects(
+        self, codec: Codec, selector: str, version: list[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every object of the collection, in pages (the API server's `continue` token);
+        the first page's resourceVersion, the list's, is appended to `version`."""
         query = {"limit": str(LIST_PAGE)}
         if selector:
             query["labelSelector"] = selector
         while True:
             text = "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
             page = self.client.get(codec.collection(), text)
+            if version is not None and not version:
+                version.append((page.get("metadata") or {}).get("resourceVersion") or "")
             yield from page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:

@@ -45,9 +45,11 @@ BUILD_SCRIPT = Path(__file__).with_name("apiserver.sh")
 CALICO_MANIFESTS = [
     *sorted((REPO / "conf" / "crds").glob("*.yaml")),
     REPO / "conf" / "calico-cni-plugin-rbac.yaml",
+    REPO / "conf" / "calico-node-rbac.yaml",
 ]
 BUILD_REQUESTED = os.environ.get("CALICO_BUILD_APISERVER") == "1"
 CNI_USER = "system:serviceaccount:kube-system:calico-cni-plugin"
+NODE_USER = "system:serviceaccount:kube-system:calico-node"
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 30.0
@@ -151,6 +153,8 @@ class KubeCluster:
     admin_token: str
     cni_token: str
     pids: list[int] = field(default_factory=list)
+    # calico-node's service account, with conf/calico-node-rbac.yaml's rights.
+    node_kubeconfig: Path | None = None
 
     def client(self, token: str) -> ApiClient:
         return ApiClient(self.server, token, ssl.create_default_context(cafile=self.ca_path))
@@ -230,10 +234,13 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
         stack.callback(etcd.stop)
         tls = make_tls_files(directory / "pki")
         admin_token, cni_token = secrets.token_hex(16), secrets.token_hex(16)
+        node_token = secrets.token_hex(16)
         tokens = directory / "tokens.csv"
         tokens.write_text(
             f'{admin_token},admin,admin,"system:masters"\n'
             f"{cni_token},{CNI_USER},calico-cni-plugin,"
+            '"system:serviceaccounts,system:serviceaccounts:kube-system"\n'
+            f"{node_token},{NODE_USER},calico-node,"
             '"system:serviceaccounts,system:serviceaccounts:kube-system"\n'
         )
         port = free_port()
@@ -250,6 +257,7 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
             admin_token=admin_token,
             cni_token=cni_token,
             pids=[*(m.process.pid for m in etcd.members if m.process), process.pid],
+            node_kubeconfig=directory / "calico-node.kubeconfig",
         )
         log = directory / "kube-apiserver.log"
         _wait_for("kube-apiserver /readyz", process, log, lambda: _ready(cluster.admin))
@@ -263,6 +271,7 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
         )
         _write_kubeconfig(cluster.admin_kubeconfig, cluster, "admin", admin_token)
         _write_kubeconfig(cluster.cni_kubeconfig, cluster, "calico", cni_token)
+        _write_kubeconfig(cluster.node_kubeconfig, cluster, "calico-node", node_token)
         yield cluster
 
 
