@@ -34,6 +34,7 @@ build:
 	mkdir -p $(DIST)/bin
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-ipam
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-kube-controllers
 
 install:
 	test -x $(DIST)/$(BUNDLE_NAME)/calico || { echo "run 'make build' first" >&2; exit 1; }
@@ -44,6 +45,7 @@ install:
 	mv $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-kube-controllers
 
 test: build
 	scripts/install-deps test

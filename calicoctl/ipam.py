@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from calicoctl.datastore import open_datastore
 from calicoctl.errors import CommandError
@@ -16,6 +17,9 @@ from libcalico.model import (
     IPPool,
     ResourceListOptions,
 )
+
+if TYPE_CHECKING:
+    from libcalico.workloads import Snapshot
 
 USAGE_HEADERS = ["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"]
 
@@ -118,6 +122,10 @@ def check_text(report: ConsistencyReport) -> str:
             [f"host {a.host}, block {a.cidr}: {a.problem}" for a in report.affinity_problems],
         ),
         ("malformed blocks", list(report.malformed_blocks)),
+        (
+            "IPs that are allocated in IPAM but not actually in use",
+            [f"{u.allocation.describe()}: {u.reason}" for u in report.not_in_use],
+        ),
     ]
     lines = ["Checking IPAM for inconsistencies...", ""]
     for title, items in sections:
@@ -131,13 +139,24 @@ def _check(opts: argparse.Namespace) -> int:
     from ipam_plugin.inspect import check_consistency
 
     with open_datastore(opts.config) as store:
-        report = check_consistency(store)
+        report = check_consistency(store, _workloads(store))
     if opts.output == "json":
         doc = {"ok": report.ok, "problems": report.problems, **asdict(report)}
         print(json.dumps(doc, indent=2))
     else:
         print(check_text(report))
     return 0 if report.ok else 1
+
+
+def _workloads(store: Datastore) -> Snapshot | None:
+    """The cluster's pods and nodes, on the Kubernetes datastore (elsewhere there is no
+    orchestrator to ask)."""
+    from libcalico.datastore.kubernetes import KubernetesDatastore
+    from libcalico.workloads import KubernetesWorkloads
+
+    if not isinstance(store, KubernetesDatastore):
+        return None
+    return KubernetesWorkloads(store.client).snapshot()
 
 
 def _release(opts: argparse.Namespace) -> int:

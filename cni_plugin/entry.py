@@ -1,7 +1,8 @@
 """The one entry point of the bundle: the role comes from the executable's name.
 
 As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin; as
-`calicoctl` or `kubectl-calico` the operator's CLI; otherwise the `calico` plugin, which
+`calicoctl` or `kubectl-calico` the operator's CLI; as `calico-kube-controllers` the
+cluster's controllers (IPAM garbage collection); otherwise the `calico` plugin, which
 without CNI_COMMAND is the same CLI (`calico agent` runs the node's CNI server). The
 executables are symlinks to the bundle's executable, whose argv[0] keeps the link's name.
 
@@ -17,6 +18,7 @@ from cni_plugin import agent_client
 from cni_plugin.agent_client import IPAM_ROLE, PLUGIN_ROLE
 
 CLI_NAMES = ("calicoctl", "kubectl-calico")
+KUBE_CONTROLLERS_NAME = "calico-kube-controllers"
 
 
 def run_standalone(name: str, stdin: bytes | None = None) -> int:
@@ -78,6 +80,10 @@ def run_command_line(name: str, argv: list[str]) -> int:
 
 def main() -> None:
     name = agent_client.exec_name()
+    if name == KUBE_CONTROLLERS_NAME:
+        from kube_controllers.main import main as controllers_main
+
+        sys.exit(controllers_main(sys.argv[1:]))
     command = posix.environ.get(b"CNI_COMMAND")
     if name in CLI_NAMES or (name != IPAM_ROLE and not command):
         sys.exit(run_command_line(name, sys.argv[1:]))

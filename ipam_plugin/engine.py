@@ -549,6 +549,12 @@ class IPAM:
 
         return _with_retries(attempt)
 
+    def release_host_affinities(self, host: str) -> list[IPNetwork]:
+        """Give up every empty block affine to `host` (a node that left the cluster);
+        blocks still holding addresses keep their affinity. Returns the CIDRs given up."""
+        cidrs = [kvp.key.cidr for kvp in self.store.list(BlockAffinityListOptions(host))]
+        return [cidr for cidr in cidrs if self._release_affinity(host, cidr)]
+
     def _assign_from_block(
         self,
         kvp: KVPair,
