@@ -8,8 +8,10 @@ patches of pods/status and RBAC denials. So tests get the real thing: an etcd (f
     with kube_apiserver(tmp_dir) as cluster:
         cluster.cni.request("GET", "/apis/crd.projectcalico.org/v1/ipamblocks")
 
-Two identities are served from a static token file: `admin` (system:masters) and the CNI
-plugin's service account, which holds only the `calico-cni-plugin` ClusterRole.
+Identities are served from a static token file: `admin` (system:masters), the CNI
+plugin's service account, which holds only the `calico-cni-plugin` ClusterRole,
+calico-kube-controllers' service account with its own role, and any `users` a caller
+adds (the cluster fixture's kubelets, scheduler, controller manager and kube-proxies).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +47,12 @@ BUILD_SCRIPT = Path(__file__).with_name("apiserver.sh")
 CALICO_MANIFESTS = [
     *sorted((REPO / "conf" / "crds").glob("*.yaml")),
     REPO / "conf" / "calico-cni-plugin-rbac.yaml",
+    REPO / "conf" / "calico-kube-controllers-rbac.yaml",
 ]
 BUILD_REQUESTED = os.environ.get("CALICO_BUILD_APISERVER") == "1"
 CNI_USER = "system:serviceaccount:kube-system:calico-cni-plugin"
+KUBE_CONTROLLERS_USER = "system:serviceaccount:kube-system:calico-kube-controllers"
+SERVICE_ACCOUNT_GROUPS = ("system:serviceaccounts", "system:serviceaccounts:kube-system")
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 30.0
@@ -79,6 +84,14 @@ def ensure_apiserver() -> Path:
     """The cached binary, building it first (minutes, once per version) when missing."""
     out = subprocess.run([BUILD_SCRIPT, "build"], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class User:
+    """An identity the token file serves: its user name and groups."""
+
+    name: str
+    groups: tuple[str, ...] = ()
 
 
 class ApiError(Exception):
@@ -151,6 +164,12 @@ class KubeCluster:
     admin_token: str
     cni_token: str
     pids: list[int] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)  # user name -> token
+
+    def kubeconfig(self, user: str, path: Path) -> Path:
+        """Write a kubeconfig (mode 0600) for one of the token file's users."""
+        _write_kubeconfig(path, self, user.rsplit(":", 1)[-1], self.tokens[user])
+        return path
 
     def client(self, token: str) -> ApiClient:
         return ApiClient(self.server, token, ssl.create_default_context(cafile=self.ca_path))
@@ -218,7 +237,7 @@ class KubeCluster:
 
 
 @contextmanager
-def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
+def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[KubeCluster]:
     """Start etcd and kube-apiserver under `directory`, apply Calico's manifests, yield.
 
     Everything started here is stopped by its PID on exit, also when start-up fails.
@@ -229,13 +248,22 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
         etcd = start_etcd(directory / "etcd")
         stack.callback(etcd.stop)
         tls = make_tls_files(directory / "pki")
-        admin_token, cni_token = secrets.token_hex(16), secrets.token_hex(16)
+        everyone = [
+            User("admin", ("system:masters",)),
+            User(CNI_USER, SERVICE_ACCOUNT_GROUPS),
+            User(KUBE_CONTROLLERS_USER, SERVICE_ACCOUNT_GROUPS),
+            *users,
+        ]
+        issued = {user.name: secrets.token_hex(16) for user in everyone}
         tokens = directory / "tokens.csv"
         tokens.write_text(
-            f'{admin_token},admin,admin,"system:masters"\n'
-            f"{cni_token},{CNI_USER},calico-cni-plugin,"
-            '"system:serviceaccounts,system:serviceaccounts:kube-system"\n'
+            "".join(
+                f'{issued[user.name]},{user.name},{user.name},"{",".join(user.groups)}"\n'
+                for user in everyone
+            )
         )
+        tokens.chmod(0o600)
+        admin_token, cni_token = issued["admin"], issued[CNI_USER]
         port = free_port()
         process = _spawn_apiserver(
             binary, directory, port, etcd, tls.server_cert, tls.server_key, tokens
@@ -250,6 +278,7 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
             admin_token=admin_token,
             cni_token=cni_token,
             pids=[*(m.process.pid for m in etcd.members if m.process), process.pid],
+            tokens=issued,
         )
         log = directory / "kube-apiserver.log"
         _wait_for("kube-apiserver /readyz", process, log, lambda: _ready(cluster.admin))
