@@ -165,6 +165,7 @@ class KubeCluster:
     cni_token: str
     pids: list[int] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)  # user name -> token
+    service_account_key: Path | None = None  # what signs service-account tokens
 
     def kubeconfig(self, user: str, path: Path) -> Path:
         """Write a kubeconfig (mode 0600) for one of the token file's users."""
@@ -279,6 +280,7 @@ def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[Kube
             cni_token=cni_token,
             pids=[*(m.process.pid for m in etcd.members if m.process), process.pid],
             tokens=issued,
+            service_account_key=Path(tls.server_key),
         )
         log = directory / "kube-apiserver.log"
         _wait_for("kube-apiserver /readyz", process, log, lambda: _ready(cluster.admin))
