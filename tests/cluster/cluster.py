@@ -89,6 +89,7 @@ class Cluster:
     fabric: Fabric
     nodes: dict[str, KubeNode] = field(default_factory=dict)
     control: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    made: list[str] = field(default_factory=list)  # host paths of every node ever added
     _stack: ExitStack = field(default_factory=ExitStack)
 
     @property
@@ -179,6 +180,7 @@ class Cluster:
             name, address, self.directory / name, self.fabric, self.binaries["crictl"]
         )
         self.nodes[name] = node
+        self.made += node.footprint()
         relay = LoopbackRelay([self.port], [node.netns.path])
         relay.__enter__()
         self._stack.callback(relay.__exit__, None, None, None)
@@ -346,6 +348,10 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})},
             )
+
+    def footprint(self) -> list[str]:
+        """Every host path the cluster made (netns, cgroups): gone once it stopped."""
+        return [self.fabric.netns.path, *self.made]
 
     def control_log(self, name: str, lines: int = 40) -> str:
         return log_tail(self.directory / f"{name}.log", lines)

@@ -22,6 +22,7 @@ the holder, which takes every mount with it; the per-node cgroups and netns foll
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -92,6 +93,7 @@ class KubeNode:
     cgroup_root: str
     crictl_path: Path
     holder: subprocess.Popen[bytes] | None = None
+    host_tunables: dict[str, str] = field(default_factory=dict)  # as they were at creation
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @classmethod
@@ -136,13 +138,18 @@ class KubeNode:
         )
         for tunable in KUBELET_TUNABLES:
             cover = tunables / tunable.replace("/", ".")
-            cover.write_text(Path("/proc/sys", tunable).read_text())
+            self.host_tunables[tunable] = Path("/proc/sys", tunable).read_text().strip()
+            cover.write_text(self.host_tunables[tunable] + "\n")
             script.append(f"mount --bind {cover} /proc/sys/{tunable}")
         self.run("sh", "-ec", "\n".join(script))
 
     def path(self, inside: str) -> Path:
         """Where a path of the node's private directories lies on the host."""
         relative = inside.lstrip("/")
+        if relative.startswith("proc/sys/"):
+            return (
+                self.directory / "tunables" / relative.removeprefix("proc/sys/").replace("/", ".")
+            )
         if relative.startswith("run/"):
             raise ValueError("the node's /run is a tmpfs only the node sees")
         return self.directory / "root" / relative
@@ -226,12 +233,10 @@ class KubeNode:
                 _rmdir_when_empty(path)
             _rmdir_when_empty(own)
 
-    def leftover_cgroups(self) -> list[str]:
-        return [
-            str(hierarchy / self.cgroup_root.lstrip("/"))
-            for hierarchy in self._hierarchies()
-            if (hierarchy / self.cgroup_root.lstrip("/")).exists()
-        ]
+    def footprint(self) -> list[str]:
+        """The host paths this node makes: its netns and its cgroup in each hierarchy."""
+        cgroups = [str(h / self.cgroup_root.lstrip("/")) for h in self._hierarchies()]
+        return [self.netns.path, *cgroups]
 
     # ----------------------------------------------------------------- stop
 
@@ -282,10 +287,8 @@ def _mount_ns(pid: int) -> str | None:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _rmdir_when_empty(path: Path, timeout: float = 10.0) -> None:
