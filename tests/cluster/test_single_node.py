@@ -154,3 +154,49 @@ def test_kubelets_global_tunables_never_reach_the_host(node: KubeNode) -> None:
     assert seen == KUBELET_WANTS
     host = {t: Path("/proc/sys", t).read_text().strip() for t in KUBELET_TUNABLES}
     assert host == node.host_tunables
+
+
+def test_a_sandbox_failed_after_its_add_leaves_nothing_for_long(
+    cluster: Cluster, node: KubeNode
+) -> None:
+    """The 1.1.0 conflist this project used to ship: calico's ADD succeeds, containerd 1.6
+    cannot read the result and fails the sandbox, and its cleanup stops at portmap's DEL,
+    so the address, veth and netns stay (cri-probe.md). The user force-deletes the stuck
+    pod: calico-kube-controllers releases the address (no DEL ever will); once the
+    conflist is fixed, kubelet's sandbox cleanup runs the DEL that removes the rest."""
+    netns_before, veths_before = set(pod_netns(node)), set(host_routes(node).values())
+    stale = json.loads(SHIPPED.read_text())
+    stale["cniVersion"] = "1.1.0"
+    cluster.set_conflist(node, json.dumps(stale, indent=2))
+    try:
+        name = f"stuck-{uuid.uuid4().hex[:6]}"
+        cluster.kubectl(
+            "run", name, f"--image={cluster.busybox}", "--image-pull-policy=Never",
+            "--", "sleep", "3600",
+        )  # fmt: skip
+
+        def leaked() -> list[str]:
+            return [ip for ip, a in cluster.allocations().items() if a.get("pod") == name]
+
+        ips = poll(leaked, "the failed sandbox's address", 120)
+        events = cluster.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}")
+        assert 'unsupported CNI result version "1.1.0"' in events.stdout
+        assert cluster.pod(name)["status"]["phase"] == "Pending"
+        assert len(set(host_routes(node).values()) - veths_before) == 1  # left behind
+
+        cluster.kubectl("delete", "pod", name, "--force", "--grace-period=0")
+        poll(lambda: not leaked(), "calico-kube-controllers to release the address", 120)
+        log = (cluster.directory / "calico-kube-controllers.log").read_text()
+        assert "Garbage collecting leaked IP address" in log
+        assert f'ip="{ips[0]}"' in log and f'pod="default/{name}"' in log
+    finally:
+        cluster.set_conflist(node, SHIPPED.read_text())
+    poll(
+        lambda: (
+            set(host_routes(node).values()) == veths_before and set(pod_netns(node)) == netns_before
+        ),
+        "kubelet's sandbox cleanup to remove the veth and netns",
+        180,
+    )
+    check = cluster.calico("ipam", "check")
+    assert check.returncode == 0 and "found 0 problems" in check.stdout, check.stdout
