@@ -43,9 +43,9 @@ from tests.k8s.fixture import (
     KubeCluster,
     User,
     kube_apiserver,
+    kube_binaries,
 )
 
-KUBE_BUILD = REPO / "tests" / "k8s" / "kube-build.sh"
 IMAGES = Path(__file__).with_name("images.sh")
 COMMANDS = (
     "kubelet",
@@ -59,15 +59,6 @@ POD_POOL = "10.244.0.0/16"  # conf/ippool-default.yaml
 LEAK_GRACE = "5s"
 STOP_TIMEOUT = 20.0
 NODE_READY_TIMEOUT = 180.0
-
-
-def ensure_binaries() -> dict[str, Path]:
-    """The cluster's commands, building (minutes, once per version) those not cached."""
-    out = subprocess.run(
-        [KUBE_BUILD, "build", *COMMANDS], check=True, stdout=subprocess.PIPE, text=True
-    )
-    paths = [Path(line) for line in out.stdout.split()]
-    return dict(zip(COMMANDS, paths, strict=True))
 
 
 def ensure_images() -> tuple[list[Path], str]:
@@ -380,7 +371,7 @@ class Cluster:
 @contextmanager
 def kube_cluster(directory: Path, nodes: int = 1) -> Iterator[Cluster]:
     """A control plane and `nodes` Ready nodes; everything stopped and removed on exit."""
-    binaries = ensure_binaries()
+    binaries = kube_binaries(*COMMANDS)
     archives, tag = ensure_images()
     names = [f"node{i + 1}" for i in range(nodes)]
     users = [User(f"system:node:{n}", ("system:nodes",)) for n in names]

@@ -44,6 +44,7 @@ from tests.etcd_fixture import (
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).with_name("apiserver.sh")
+KUBE_BUILD = Path(__file__).with_name("kube-build.sh")
 CALICO_MANIFESTS = [
     *sorted((REPO / "conf" / "crds").glob("*.yaml")),
     REPO / "conf" / "calico-cni-plugin-rbac.yaml",
@@ -92,6 +93,15 @@ class User:
 
     name: str
     groups: tuple[str, ...] = ()
+
+
+def kube_binaries(*commands: str) -> dict[str, Path]:
+    """Cached Kubernetes commands (kubectl, kubelet, crictl, ...), building the missing
+    ones first (minutes, once per version)."""
+    out = subprocess.run(
+        [KUBE_BUILD, "build", *commands], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return dict(zip(commands, (Path(line) for line in out.stdout.split()), strict=True))
 
 
 class ApiError(Exception):
