@@ -131,7 +131,14 @@ class Cluster:
             ready = [c for c in pod["status"].get("conditions", []) if c["type"] == "Ready"]
             return pod if ready and ready[0]["status"] == "True" else None
 
-        return poll(running, f"pod {namespace}/{name} running", timeout)
+        try:
+            return poll(running, f"pod {namespace}/{name} running", timeout)
+        except AssertionError as err:
+            events = self.kubectl(
+                "get", "events", "-n", namespace, "--field-selector",
+                f"involvedObject.name={name}", check=False,
+            )  # fmt: skip
+            raise AssertionError(f"{err}\n{events.stdout[-3000:]}") from None
 
     def wait_gone(self, name: str, namespace: str = "default", timeout: float = 180) -> None:
         poll(
@@ -185,7 +192,8 @@ class Cluster:
     def install_calico(self, node: KubeNode) -> None:
         """README "On a Kubernetes node": the plugins, the kubeconfig, the conflist."""
         node.run("make", "-C", str(REPO), "--no-print-directory", "install")
-        node.run("ln", "-sf", "/usr/lib/cni/portmap", "/opt/cni/bin/portmap")  # Debian's
+        for plugin in ("loopback", "portmap"):  # Debian's; containerd sets lo up with loopback
+            node.run("ln", "-sf", f"/usr/lib/cni/{plugin}", f"/opt/cni/bin/{plugin}")
         template = (REPO / "conf" / "calico-kubeconfig.template").read_text()
         kubeconfig = (
             template.replace("__KUBERNETES_SERVICE_HOST__", "127.0.0.1")
