@@ -34,6 +34,9 @@ build:
 	mkdir -p $(DIST)/bin
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-ipam
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-node
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calicoctl
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/kubectl-calico
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-kube-controllers
 
 install:
@@ -45,6 +48,9 @@ install:
 	mv $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME).new $(DESTDIR)$(BINDIR)/$(BUNDLE_NAME)
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-ipam
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-node
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calicoctl
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/kubectl-calico
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-kube-controllers
 
 test: build

@@ -1,1 +1,4 @@
-"""The node daemon's parts; today the CNI fast-path server the executables hand off to."""
+"""calico-node, the node daemon (daemon.py), with the CNI fast-path server it runs."""
+
+# ClusterInformation's calicoVersion as this daemon writes it.
+VERSION = "v0.1.0"

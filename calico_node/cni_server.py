@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cni_plugin import agent_client, logs, roles, skel
+from cni_plugin.dataplane import netns
 from libcalico.datastore.config import keep_clients_open
 
 COMPONENT = "cni-agent"
@@ -78,6 +79,7 @@ class AgentRequest:
     netns: bytes
     environ: dict[str, str]
     stdin: bytes
+    netns_fd: int | None = None  # CNI_NETNS as the client opened it
 
     @classmethod
     def decode(cls, body: bytes) -> AgentRequest:
@@ -147,9 +149,14 @@ def _environ_of(environ: dict[str, str]) -> Iterator[None]:
         _request_environ.reset(token)
 
 
-def execute(role: str, environ: dict[str, str], stdin: bytes) -> tuple[skel.Outcome, str]:
+def execute(
+    role: str, environ: dict[str, str], stdin: bytes, netns_fd: int | None = None
+) -> tuple[skel.Outcome, str]:
     """Run one request of `role` on this thread; returns its outcome and its stderr."""
-    with _environ_of(environ):
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(_environ_of(environ))
+        if netns_fd is not None and environ.get("CNI_NETNS"):
+            scope.enter_context(netns.handed_over(environ["CNI_NETNS"], netns_fd))
         return roles.execute(role, environ, lambda: stdin)
 
 
@@ -208,27 +215,49 @@ def _peer_uid(conn: socket.socket) -> int:
     return _UCRED.unpack(creds)[1]
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = conn.recv(min(remaining, 1 << 20))
-        if not chunk:
-            raise BadRequest("connection closed mid-request")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+_MAX_HEAD = 20
 
 
-def _recv_frame(conn: socket.socket) -> bytes:
-    head = b""
-    while not head.endswith(b"\n"):
-        byte = conn.recv(1)
-        if not byte or len(head) > 20:
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    return fds
+
+
+def _recv_frame(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """The request frame, and the descriptors that came with its first bytes (the caller
+    closes them)."""
+    data, fds = b"", []
+    try:
+        while b"\n" not in data:
+            chunk, ancdata, _, _ = conn.recvmsg(
+                65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+            fds += _received_fds(ancdata)
+            if not chunk:
+                raise BadRequest("connection closed mid-request")
+            data += chunk
+            if b"\n" not in data and len(data) > _MAX_HEAD:
+                raise BadRequest("malformed request header")
+        head, _, body = data.partition(b"\n")
+        if not head.isdigit() or len(head) > _MAX_HEAD or int(head) > MAX_REQUEST_BYTES:
             raise BadRequest("malformed request header")
-        head += byte
-    if not head[:-1].isdigit() or int(head) > MAX_REQUEST_BYTES:
-        raise BadRequest("malformed request header")
-    return _recv_exact(conn, int(head))
+        size = int(head)
+        while len(body) < size:
+            chunk = conn.recv(min(size - len(body), 1 << 20))
+            if not chunk:
+                raise BadRequest("connection closed mid-request")
+            body += chunk
+        if len(body) > size:
+            raise BadRequest("bytes after the request frame")
+        return body, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 # ------------------------------------------------------------------ the server
@@ -245,6 +274,8 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._lock_fd: int | None = None
 
     def request_stop(self) -> None:
         """Safe from a signal handler: the byte on the pipe wakes the accept loop's select."""
@@ -252,21 +283,32 @@ class Agent:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
-    def serve(self) -> None:
+    def bind(self) -> None:
+        """Take the socket (its directory checked, one server per socket): ServeError."""
         _check_directory(os.path.dirname(self.socket_path) or ".")
-        lock_fd = _hold_instance_lock(self.socket_path)
+        self._lock_fd = _hold_instance_lock(self.socket_path)
         try:
-            listener = _listen(self.socket_path)
-            log.info("serving CNI requests", extra={"fields": {"Socket": self.socket_path}})
+            self._listener = _listen(self.socket_path)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        log.info("serving CNI requests", extra={"fields": {"Socket": self.socket_path}})
+
+    def serve(self) -> None:
+        """Accept until stopped, then drain (binding first if `bind` was not called)."""
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None and self._lock_fd is not None
+        try:
             try:
-                self._accept_until_stopped(listener)
+                self._accept_until_stopped(self._listener)
             finally:
-                listener.close()
+                self._listener.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.socket_path)  # from now on, clients work standalone
             self._drain()
         finally:
-            os.close(lock_fd)
+            os.close(self._lock_fd)
 
     def _accept_until_stopped(self, listener: socket.socket) -> None:
         while not self._stopping:
@@ -309,11 +351,28 @@ class Agent:
             return
         conn.settimeout(RECEIVE_TIMEOUT_S)
         try:
-            request = AgentRequest.decode(_recv_frame(conn))
+            body, fds = _recv_frame(conn)
         except BadRequest as exc:
             log.warning("bad request: %s", exc)
             conn.sendall(agent_client.REFUSED + f"bad request: {exc}".encode())
             return
+        try:
+            self._serve(conn, body, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _serve(self, conn: socket.socket, body: bytes, fds: list[int]) -> None:
+        try:
+            request = AgentRequest.decode(body)
+        except BadRequest as exc:
+            log.warning("bad request: %s", exc)
+            conn.sendall(agent_client.REFUSED + f"bad request: {exc}".encode())
+            return
+        if len(fds) > 1:
+            conn.sendall(agent_client.REFUSED + b"bad request: more than one descriptor")
+            return
+        request.netns_fd = fds[0] if fds else None
         if request.netns != self.netns:
             conn.sendall(agent_client.NOT_MINE)
             return
@@ -326,7 +385,7 @@ class Agent:
         conn.settimeout(None)
         started = time.monotonic()
         log.debug("running CNI request", extra={"fields": _fields(request)})
-        outcome, stderr = execute(request.role, request.environ, request.stdin)
+        outcome, stderr = execute(request.role, request.environ, request.stdin, request.netns_fd)
         _log_served(request, outcome.code, started)  # before the reply: the caller may look
         head = b"%d %d\n" % (outcome.code, len(outcome.stdout))
         conn.sendall(head + outcome.stdout + stderr.encode("utf-8", "backslashreplace"))

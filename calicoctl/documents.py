@@ -65,12 +65,34 @@ def parse_documents(text: str, source: str) -> list[dict[str, Any]]:
     return docs
 
 
-def dump_yaml(doc: dict[str, Any]) -> str:
+def _go_yaml_dumper() -> type:
+    """PyYAML's safe dumper printing strings as go-yaml (which calicoctl uses) does: a
+    string that YAML would read as another type (`"true"`, `"7"`, a timestamp, `""`) in
+    double quotes, other strings plain where YAML allows."""
+    import yaml
+
+    class GoDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: object) -> bool:
+            return True  # go-yaml repeats shared values; it has no anchors
+
+        def represent_str(self, data: str) -> yaml.ScalarNode:
+            tag = "tag:yaml.org,2002:str"
+            implicit = self.resolve(yaml.ScalarNode, data, (True, False))
+            if data == "" or implicit != tag:
+                return self.represent_scalar(tag, data, style='"')
+            return self.represent_scalar(tag, data)
+
+    GoDumper.add_representer(str, GoDumper.represent_str)
+    return GoDumper
+
+
+def dump_yaml(doc: Any) -> str:
     """Keys sorted, as calicoctl prints them (it converts Go's JSON to YAML)."""
     import yaml
 
-    return yaml.safe_dump(doc, default_flow_style=False, sort_keys=True)
+    return yaml.dump(doc, Dumper=_go_yaml_dumper(), default_flow_style=False, sort_keys=True)
 
 
-def dump_json(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+def dump_json(doc: Any) -> str:
+    """Indented by two, keys in the order the resource lists them (Go's struct order)."""
+    return json.dumps(doc, indent=2) + "\n"

@@ -1,6 +1,7 @@
 """The two table layouts calicoctl prints, reproduced so scripts that parse them work.
 
-`column_table`: `ctl get` (Go's tabwriter: minimum width 5, padding 3).
+`column_table`: `get` (Go's tabwriter: minimum width 5, padding 3; every cell is padded,
+the last too, and a blank line ends the table).
 `box_table`: `ipam show` (olekukonko/tablewriter: centred headers, numbers right-aligned,
 everything else left-aligned).
 """
@@ -21,11 +22,10 @@ def _widths(headers: list[str], rows: list[list[str]]) -> list[int]:
 
 def column_table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(w + _PADDING, _MIN_WIDTH) for w in _widths(headers, rows)]
-    lines = []
-    for row in [headers, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
-        lines.append(("".join(cells) + row[-1]).rstrip())
-    return "\n".join(lines) + "\n"
+    lines = [
+        "".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [headers, *rows]
+    ]
+    return "\n".join(lines) + "\n\n"
 
 
 def _centred(text: str, width: int) -> str:

@@ -8,12 +8,19 @@ binary-safe as it is, with no escaping to get wrong.
 One request per connection:
 
     client -> agent   b"<n>\\n" and n bytes: MAGIC \\0 role \\0 netns \\0 K=V \\0 ... \\0\\0 stdin
+                      with CNI_NETNS opened and passed along as a descriptor (SCM_RIGHTS)
     agent -> client   READY, NOT_MINE (it serves another netns) or REFUSED + a message
     client -> agent   GO: from here on the agent owns the request
     agent -> client   b"<exit code> <stdout length>\\n", stdout, the request's stderr, EOF
 
 The READY/GO exchange makes falling back safe: the agent runs nothing before GO, and the
 client does the job itself only when it never sent GO.
+
+The pod's netns travels as an open descriptor, not only as its path: an agent in another
+mount namespace (calico-node in a container, or started under `ip netns exec`) does not
+see the bind mounts of namespaces created after it started, but can use a descriptor.
+`netns` in the frame is the caller's own netns (where the host-side veth goes), which the
+agent must share.
 """
 
 import _socket
@@ -34,6 +41,9 @@ CONNECT_TIMEOUT_S = 0.1
 # Long enough for a busy agent to start the connection's thread (tens of ms under load).
 READY_TIMEOUT_S = 1.0
 OWN_NETNS = b"/proc/self/ns/net"
+# Calico's run directory; the socket lives there unless CALICO_AGENT_SOCKET says otherwise.
+RUN_DIR_ENV = b"CALICO_RUN_DIR"
+SOCKET_NAME = b"cni-agent.sock"
 
 
 class Handoff:
@@ -113,9 +123,40 @@ def _connect(path: bytes) -> _socket.socket | None:
     return sock
 
 
+def socket_path(environ: dict[bytes, bytes]) -> bytes:
+    """CALICO_AGENT_SOCKET, else cni-agent.sock in CALICO_RUN_DIR, else the default."""
+    explicit = environ.get(SOCKET_ENV)
+    if explicit:
+        return explicit
+    run_dir = environ.get(RUN_DIR_ENV)
+    return run_dir.rstrip(b"/") + b"/" + SOCKET_NAME if run_dir else DEFAULT_SOCKET
+
+
+def _open_netns() -> int | None:
+    """CNI_NETNS opened for the agent, None when unset or unopenable (a DEL whose netns is
+    gone: the agent then goes by the path, as a one-shot plugin would)."""
+    path = posix.environ.get(b"CNI_NETNS")
+    if not path:
+        return None
+    try:
+        return posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+def _send_request(sock: _socket.socket, frame: bytes, netns_fd: int | None) -> None:
+    if netns_fd is None:
+        sock.sendall(frame)
+        return
+    rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, netns_fd.to_bytes(4, sys.byteorder))]
+    sent = sock.sendmsg([frame], rights)  # the descriptor rides on the first bytes
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
 def hand_off(role: bytes) -> Handoff:
     """Send this invocation to the agent; print its answer and return its exit code."""
-    sock = _connect(posix.environ.get(SOCKET_ENV) or DEFAULT_SOCKET)
+    sock = _connect(socket_path(posix.environ))
     if sock is None:
         return Handoff()
     try:
@@ -123,15 +164,20 @@ def hand_off(role: bytes) -> Handoff:
             stdin = _read_stdin()
         except OSError:
             return Handoff()  # let the plugin read (and report) it itself
+        netns_fd = _open_netns()
         try:
             sock.settimeout(READY_TIMEOUT_S)
-            sock.sendall(encode_request(role, netns_id(), posix.environ, stdin))
+            frame = encode_request(role, netns_id(), posix.environ, stdin)
+            _send_request(sock, frame, netns_fd)
             if sock.recv(1) != READY:
                 return Handoff(stdin=stdin)
             sock.settimeout(None)
             sock.sendall(GO)
         except OSError:
             return Handoff(stdin=stdin)
+        finally:
+            if netns_fd is not None:
+                posix.close(netns_fd)
         try:
             reply = parse_reply(_recv_until_eof(sock))
         except OSError:

@@ -1,9 +1,10 @@
 """The one entry point of the bundle: the role comes from the executable's name.
 
 As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin; as
-`calicoctl` or `kubectl-calico` the operator's CLI; as `calico-kube-controllers` the
-cluster's controllers (IPAM garbage collection); otherwise the `calico` plugin, which
-without CNI_COMMAND is the same CLI (`calico agent` runs the node's CNI server). The
+`calico-node` the node daemon (or its probes); as `calicoctl` or `kubectl-calico` the
+operator's CLI; as `calico-kube-controllers` the cluster's controllers (IPAM garbage
+collection); otherwise the `calico` plugin, which without CNI_COMMAND is the same CLI
+(`calico agent` runs the CNI server alone). The
 executables are symlinks to the bundle's executable, whose argv[0] keeps the link's name.
 
 A CNI invocation first tries the node agent (agent_client, builtins only); when none
@@ -19,6 +20,7 @@ from cni_plugin.agent_client import IPAM_ROLE, PLUGIN_ROLE
 
 CLI_NAMES = ("calicoctl", "kubectl-calico")
 KUBE_CONTROLLERS_NAME = "calico-kube-controllers"
+NODE_NAME = "calico-node"
 
 
 def run_standalone(name: str, stdin: bytes | None = None) -> int:
@@ -68,7 +70,11 @@ def recover_lost_add(name: str, stdin: bytes) -> int:
 
 
 def run_command_line(name: str, argv: list[str]) -> int:
-    """Not a CNI invocation: the operator's CLI, or the node's CNI server."""
+    """Not a CNI invocation: the node daemon, the operator's CLI, or the CNI server."""
+    if name == NODE_NAME:
+        from calico_node.main import main as node_main
+
+        return node_main(argv)
     if name not in CLI_NAMES and argv[:1] == ["agent"]:
         from calico_node.cni_server import main as serve
 
@@ -85,7 +91,7 @@ def main() -> None:
 
         sys.exit(controllers_main(sys.argv[1:]))
     command = posix.environ.get(b"CNI_COMMAND")
-    if name in CLI_NAMES or (name != IPAM_ROLE and not command):
+    if name in (*CLI_NAMES, NODE_NAME) or (name != IPAM_ROLE and not command):
         sys.exit(run_command_line(name, sys.argv[1:]))
     stdin = None
     if command:

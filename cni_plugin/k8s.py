@@ -117,13 +117,16 @@ def resolve_pod_cidrs(conf: NetConf, client: KubeClient) -> dict[str, Any]:
 
 @dataclass
 class Pod:
-    """What ADD/DEL need of the Pod and its Namespace."""
+    """What ADD/DEL need of the Pod and its Namespace; the labels and service account are
+    what a WorkloadEndpoint carries so that policy selectors match the pod."""
 
     namespace: str
     name: str
     uid: str
     annotations: dict[str, str] = field(default_factory=dict)
     namespace_annotations: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    service_account: str = ""
 
     @property
     def path(self) -> str:
@@ -138,10 +141,18 @@ class Pod:
 
 def read_pod(client: KubeClient, namespace: str, name: str, with_namespace: bool) -> Pod:
     try:
-        meta = client.get(f"/api/v1/namespaces/{namespace}/pods/{name}")["metadata"]
+        obj = client.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
     except NotFound:
         raise _invalid(f'pods "{name}" not found in namespace "{namespace}"') from None
-    pod = Pod(namespace, name, meta.get("uid", ""), dict(meta.get("annotations") or {}))
+    meta = obj["metadata"]
+    pod = Pod(
+        namespace,
+        name,
+        meta.get("uid", ""),
+        dict(meta.get("annotations") or {}),
+        labels=dict(meta.get("labels") or {}),
+        service_account=str((obj.get("spec") or {}).get("serviceAccountName") or ""),
+    )
     if with_namespace:
         ns_meta = client.get(f"/api/v1/namespaces/{namespace}")["metadata"]
         pod.namespace_annotations = dict(ns_meta.get("annotations") or {})
@@ -253,11 +264,13 @@ def plan_addresses(conf: NetConf, pod: Pod) -> AddressPlan:
 
 @dataclass
 class PodAdd:
-    """The Kubernetes part of one ADD: the pod (when it is the endpoint) and the plan."""
+    """The Kubernetes part of one ADD: the pod (read when policy or the datastore needs
+    it), the plan, and whether the Pod itself records the addresses (`kdd`)."""
 
     client: KubeClient
     plan: AddressPlan
     pod: Pod | None = None
+    kdd: bool = False
 
     @classmethod
     def prepare(cls, conf: NetConf, req: Request, client: KubeClient, kdd: bool) -> PodAdd:
@@ -278,7 +291,7 @@ class PodAdd:
             plan = AddressPlan(ipam=json.loads(json.dumps(conf.ipam.raw)))
         if conf.ipam.type == "host-local" and uses_pod_cidr(plan.ipam):
             plan.ipam = with_pod_cidrs(plan.ipam, node_pod_cidrs(client, node_name(conf)))
-        return cls(client, plan, pod if kdd else None)
+        return cls(client, plan, pod, kdd)
 
     def ipam_request(self, req: Request) -> Request:
         """The request the IPAM plugin gets: the planned `ipam` section and, for ipAddrs,
@@ -294,7 +307,7 @@ class PodAdd:
         )
 
     def record(self, container_id: str, ips: list[IPInterface]) -> None:
-        if self.pod is not None:
+        if self.kdd and self.pod is not None:
             record_pod_ips(self.client, self.pod, container_id, ips)
 
 

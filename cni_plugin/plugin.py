@@ -78,10 +78,13 @@ def _narrow(ip: Any) -> Any:
     return ipaddress.ip_interface(f"{ip.ip}/{ip.max_prefixlen}")
 
 
-def _endpoint_store(settings: DatastoreSettings) -> Datastore | None:
-    """The datastore the plugin records endpoints in: etcd only, as in real Calico (in the
-    Kubernetes datastore the Pod is the endpoint; the local one is IPAM's own)."""
-    return settings.open() if settings.type == "etcdv3" else None
+def _endpoint_store(settings: DatastoreSettings, conf: NetConf) -> Datastore | None:
+    """The datastore the plugin records endpoints in: etcd, as real Calico does, and the
+    local one (etcd's layout in SQLite) when it holds the pod's IPAM data too, so that
+    `calicoctl ipam check` can match addresses with endpoints and a migration carries
+    them. In the Kubernetes datastore the Pod is the endpoint."""
+    local = settings.type == "local" and conf.ipam is not None and conf.ipam.type == "calico-ipam"
+    return settings.open() if settings.type == "etcdv3" or local else None
 
 
 def _kube_client(conf: NetConf, req: Request, settings: DatastoreSettings) -> KubeClient | None:
@@ -115,7 +118,7 @@ def cmd_add(req: Request) -> Result:
     log.info("Calico CNI ADD", extra={"fields": _fields(req, Node=wid.node)})
     settings = settings_for(conf.raw, req.environ)
     with translate_errors(), contextlib.ExitStack() as cleanup:
-        store = _endpoint_store(settings)
+        store = _endpoint_store(settings, conf)
         kube = _kube_client(conf, req, settings)
         for opened in (store, kube):
             if opened is not None:
@@ -188,6 +191,7 @@ def _add_with_ipam(
                     interfaces.pod.mac,
                     ips,
                     _profiles(conf, wid),
+                    pod_add.pod if pod_add else None,
                 )
         except BaseException:
             veth.teardown_pod(req.netns, req.ifname)
@@ -243,7 +247,7 @@ def cmd_del(req: Request) -> None:
     log.info("Releasing address using handleID", extra={"fields": _fields(req)})
     ipam_exec.exec_plugin(ipam_type, "DEL", req, stdin=_del_stdin(req, conf))
     with translate_errors():
-        store = _endpoint_store(settings)
+        store = _endpoint_store(settings, conf)
         if store is not None:
             with store:
                 wid = WorkloadID.of(conf.resolve_nodename(), req.args, req.container_id, req.ifname)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError, IPInterface
 from libcalico.datastore.base import AlreadyExists, Datastore, KVPair, NotFound
@@ -23,6 +24,9 @@ from libcalico.model import (
     ResourceKey,
     WorkloadEndpoint,
 )
+
+if TYPE_CHECKING:
+    from cni_plugin.k8s import Pod
 
 log = logging.getLogger("cni-plugin")
 
@@ -80,11 +84,25 @@ def write_endpoint(
     mac: str,
     ips: list[IPInterface],
     profiles: list[str],
+    pod: Pod | None = None,
 ) -> None:
-    labels = {
-        "projectcalico.org/namespace": wid.namespace,
-        "projectcalico.org/orchestrator": wid.orchestrator,
-    }
+    """The endpoint as Calico writes it; with the Pod (policy type k8s), also its labels,
+    UID and service account, which policy selectors and profiles match on."""
+    labels = dict(pod.labels) if pod else {}
+    labels.update(
+        {
+            "projectcalico.org/namespace": wid.namespace,
+            "projectcalico.org/orchestrator": wid.orchestrator,
+        }
+    )
+    meta = {"namespace": wid.namespace}
+    if pod is not None and pod.uid:
+        meta["uid"] = pod.uid
+    account = pod.service_account if pod else ""
+    if account:
+        profiles = [*profiles, f"ksa.{wid.namespace}.{account}"]
+        if len(account) < 63:
+            labels["projectcalico.org/serviceaccount"] = account
     spec = {
         "orchestrator": wid.orchestrator,
         "node": wid.node,
@@ -99,11 +117,10 @@ def write_endpoint(
         spec["pod"] = wid.workload
     else:
         spec["workload"] = wid.workload
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    endpoint = WorkloadEndpoint(
-        ObjectMeta(wid.name, labels, {"namespace": wid.namespace, "creationTimestamp": stamp}),
-        spec,
-    )
+    if account:
+        spec["serviceAccountName"] = account
+    meta["creationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    endpoint = WorkloadEndpoint(ObjectMeta(wid.name, labels, meta), spec)
     try:
         store.create(KVPair(wid.key, endpoint))
     except AlreadyExists:

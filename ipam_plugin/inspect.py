@@ -9,9 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from ipam_plugin.leaks import Unused, allocations, unused_allocations
 from libcalico.datastore.base import Datastore, NotFound
 from libcalico.model import (
     AllocationAttribute,
@@ -24,9 +22,6 @@ from libcalico.model import (
     IPPool,
     ResourceListOptions,
 )
-
-if TYPE_CHECKING:
-    from libcalico.workloads import Snapshot
 
 
 @dataclass
@@ -153,8 +148,6 @@ class ConsistencyReport:
     handle_mismatches: list[HandleMismatch] = field(default_factory=list)
     affinity_problems: list[AffinityProblem] = field(default_factory=list)
     malformed_blocks: list[str] = field(default_factory=list)
-    # Allocated, but their pod is gone or holds other addresses (only with a Snapshot).
-    not_in_use: list[Unused] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -163,7 +156,6 @@ class ConsistencyReport:
             + len(self.handle_mismatches)
             + len(self.affinity_problems)
             + len(self.malformed_blocks)
-            + len(self.not_in_use)
         )
 
     @property
@@ -185,12 +177,9 @@ def _block_is_well_formed(block: AllocationBlock) -> bool:
     )
 
 
-def check_consistency(store: Datastore, workloads: Snapshot | None = None) -> ConsistencyReport:
-    """Cross-check handles, blocks and affinities the way `calicoctl ipam check` does; with
-    the orchestrator's pods and nodes, also the allocations no workload uses any more."""
+def check_consistency(store: Datastore) -> ConsistencyReport:
+    """Cross-check handles, blocks and affinities the way `calicoctl ipam check` does."""
     report = ConsistencyReport()
-    if workloads is not None:
-        report.not_in_use = unused_allocations(allocations(store), workloads)
     handles = {kvp.key.handle_id: kvp.value.block for kvp in store.list(HandleListOptions())}
     allocated: Counter[tuple[str, str]] = Counter()
     blocks = {str(b.cidr): b for b in _blocks(store)}

@@ -23,12 +23,18 @@ STATE_CONFIRMED = "confirmed"
 STATE_PENDING_DELETION = "pendingDeletion"
 
 
-class ValidationError(ValueError):
-    """A resource field with an invalid value; the message names the field."""
+_NO_VALUE = object()
 
-    def __init__(self, field_path: str, problem: str) -> None:
-        super().__init__(f"{field_path}: {problem}")
+
+class ValidationError(ValueError):
+    """A resource field with an invalid value; the message names the field (and the
+    value, when one is given)."""
+
+    def __init__(self, field_path: str, problem: str, value: Any = _NO_VALUE) -> None:
         self.field_path = field_path
+        self.problem = problem
+        self.shown = field_path if value is _NO_VALUE else f"{field_path} = '{value}'"
+        super().__init__(f"{self.shown}: {problem}")
 
 
 def parse_network(text: str, field_path: str = "cidr") -> IPNetwork:
@@ -99,6 +105,7 @@ RESOURCE_PLURALS = {
     "GlobalNetworkPolicy": "globalnetworkpolicies",
     "NetworkSet": "networksets",
     "GlobalNetworkSet": "globalnetworksets",
+    "Tier": "tiers",
 }
 NAMESPACED_KINDS = frozenset({"WorkloadEndpoint", "NetworkPolicy", "NetworkSet"})
 _KIND_BY_PLURAL = {plural: kind for kind, plural in RESOURCE_PLURALS.items()}
@@ -477,6 +484,32 @@ class IPAMConfig:
 # ------------------------------------------------------------- v3 resources
 
 
+# Go's ObjectMeta field order: how Calico's JSON (and calicoctl's -o json) lists metadata.
+_METADATA_ORDER = (
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+)
+
+
+def ordered_metadata(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc`'s keys in Go's ObjectMeta order (unknown ones last)."""
+    rank = {name: index for index, name in enumerate(_METADATA_ORDER)}
+    return dict(sorted(doc.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
 @dataclass
 class ObjectMeta:
     """v3 resource metadata; fields IPAM does not use are kept verbatim."""
@@ -485,11 +518,19 @@ class ObjectMeta:
     labels: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # uid, creationTimestamp, ...
 
+    @property
+    def namespace(self) -> str:
+        return str(self.extra.get("namespace") or "")
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.extra.get("annotations") or {})
+
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, **self.extra}
         if self.labels:
             doc["labels"] = self.labels
-        return doc
+        return ordered_metadata(doc)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ObjectMeta:
@@ -599,50 +640,66 @@ class IPPool:
         )
 
     def validate(self) -> None:
-        """Refuse what Calico's validator refuses; raise ValidationError naming the field."""
+        """Refuse what Calico's validator refuses; ValidationError names the field, its
+        value and the reason in Calico's words."""
         from libcalico.selector import SelectorError, parse_selector
 
         spec = self.spec
+
+        def invalid(name: str, value: Any, reason: str) -> ValidationError:
+            return ValidationError(f"spec.{name}", reason, value)
+
         try:
             network = ipaddress.ip_network(spec.cidr)
         except ValueError as err:
-            raise ValidationError("spec.cidr", f"{spec.cidr!r} is not a network CIDR") from err
+            try:
+                ipaddress.ip_network(spec.cidr, strict=False)
+                reason = "IP pool CIDR is not strictly masked"
+            except ValueError:
+                reason = "IPPool CIDR must be a valid subnet"
+            raise invalid("cidr", spec.cidr, reason) from err
         low, high = (20, 32) if network.version == 4 else (116, 128)
         if not low <= spec.block_size <= high:
-            raise ValidationError(
-                "spec.blockSize",
-                f"{spec.block_size} is out of range {low}..{high} for IPv{network.version}",
+            raise invalid(
+                "blockSize",
+                spec.block_size,
+                f"block size must be between {low} and {high} for an IPv{network.version} pool",
             )
         if spec.block_size < network.prefixlen:
-            raise ValidationError(
-                "spec.blockSize",
-                f"{spec.block_size} is larger than the pool {spec.cidr} (prefix length "
-                f"{network.prefixlen})",
+            raise invalid(
+                "cidr",
+                spec.cidr,
+                "IP pool size is too small for use with Calico IPAM. It must be equal to or "
+                "greater than the block size.",
             )
         for name, value, allowed in (
-            ("spec.ipipMode", spec.ipip_mode, ENCAP_MODES),
-            ("spec.vxlanMode", spec.vxlan_mode, ENCAP_MODES),
-            ("spec.assignmentMode", spec.assignment_mode, ASSIGNMENT_MODES),
+            ("ipipMode", spec.ipip_mode, ENCAP_MODES),
+            ("vxlanMode", spec.vxlan_mode, ENCAP_MODES),
+            ("assignmentMode", spec.assignment_mode, ASSIGNMENT_MODES),
         ):
             if value not in allowed:
-                raise ValidationError(name, f"{value!r} is not one of {', '.join(allowed)}")
+                raise invalid(name, value, f"must be one of {', '.join(allowed)}")
         if spec.ipip_mode != "Never" and spec.vxlan_mode != "Never":
-            raise ValidationError("spec.ipipMode", "IPIP and VXLAN cannot both be enabled")
+            raise invalid(
+                "ipipMode", spec.ipip_mode, "IPIPMode and VXLANMode cannot both be enabled"
+            )
         if network.version == 6 and spec.ipip_mode != "Never":
-            raise ValidationError("spec.ipipMode", "IPIP is not supported on an IPv6 pool")
+            raise invalid(
+                "ipipMode",
+                spec.ipip_mode,
+                "IPIPMode other than 'Never' is not supported on an IPv6 IP pool",
+            )
         for use in spec.allowed_uses:
             if use not in ALLOWED_USES:
-                raise ValidationError(
-                    "spec.allowedUses", f"{use!r} is not one of {', '.join(ALLOWED_USES)}"
-                )
+                raise invalid("allowedUses", use, f"must be one of {', '.join(ALLOWED_USES)}")
         for name, selector in (
-            ("spec.nodeSelector", spec.node_selector),
-            ("spec.namespaceSelector", spec.namespace_selector),
+            ("nodeSelector", spec.node_selector),
+            ("namespaceSelector", spec.namespace_selector),
         ):
             try:
                 parse_selector(selector)
             except SelectorError as err:
-                raise ValidationError(name, str(err)) from err
+                raise invalid(name, selector, f"invalid selector: {err}") from err
 
     def to_json(self) -> dict[str, Any]:
         doc = _envelope(self.kind, self.metadata, self.spec.to_json())
@@ -682,25 +739,58 @@ class IPReservation:
 
 @dataclass
 class SpecResource:
-    """A v3 resource whose spec is kept as a plain dict: IPAM reads little of it."""
+    """A v3 resource whose spec is kept as Calico's JSON dict: each reader takes what it
+    needs, and fields this code does not know survive a read-modify-write."""
 
     metadata: ObjectMeta
     spec: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] | None = None
 
     kind: ClassVar[str] = ""
 
     def to_json(self) -> dict[str, Any]:
-        return _envelope(self.kind, self.metadata, self.spec)
+        """The stored form (etcd's JSON)."""
+        return self.api_json()
+
+    def api_json(self) -> dict[str, Any]:
+        """The projectcalico.org/v3 document an operator writes and calicoctl prints."""
+        doc = _envelope(self.kind, self.metadata, self.spec)
+        if self.status is not None:
+            doc["status"] = self.status
+        return doc
+
+    @property
+    def storage_name(self) -> str:
+        """The name the datastore key carries."""
+        return self.metadata.name
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Self:
-        return cls(ObjectMeta.from_json(doc.get("metadata") or {}), dict(doc.get("spec") or {}))
+        """From the stored form."""
+        return cls.from_api(doc)
+
+    @classmethod
+    def from_api(cls, doc: dict[str, Any]) -> Self:
+        """From a projectcalico.org/v3 document."""
+        status = doc.get("status")
+        return cls(
+            ObjectMeta.from_json(doc.get("metadata") or {}),
+            dict(doc.get("spec") or {}),
+            dict(status) if isinstance(status, dict) else None,
+        )
 
 
 class Node(SpecResource):
-    """A Calico Node; IPAM needs only its existence and labels."""
+    """A Calico Node: `spec.bgp` (ipv4Address with its prefix, asNumber,
+    routeReflectorClusterID), tunnel addresses; IPAM needs its existence and labels.
+    Its status is always present (`{}` when empty), as Calico stores it."""
 
     kind = "Node"
+
+    def api_json(self) -> dict[str, Any]:
+        doc = super().api_json()
+        doc.setdefault("status", {})
+        return doc
 
 
 class ClusterInformation(SpecResource):
@@ -747,13 +837,81 @@ class KubeControllersConfiguration(SpecResource):
     kind = "KubeControllersConfiguration"
 
 
-class NetworkPolicy(SpecResource):
+class Tier(SpecResource):
+    """An ordered group of policies (`default` holds those without a tier)."""
+
+    kind = "Tier"
+
+
+DEFAULT_TIER = "default"
+TIER_LABEL = "projectcalico.org/tier"
+# Where Calico keeps metadata its storage cannot hold as is: the v3 name of a policy
+# stored under its tiered name (etcd), all v3 metadata of a CRD (Kubernetes).
+METADATA_ANNOTATION = "projectcalico.org/metadata"
+
+
+def tiered_policy_name(name: str) -> str:
+    """The name a policy is stored under: `x` in the default tier is `default.x`; a name
+    with a dot already names its tier (libcalico-go's names.TieredPolicyName)."""
+    return name if "." in name else f"{DEFAULT_TIER}.{name}"
+
+
+class _TieredPolicy(SpecResource):
+    """A policy, stored under its tiered name with the v3 name in an annotation, read back
+    with its tier in `spec.tier` and the `projectcalico.org/tier` label, as Calico does."""
+
+    @property
+    def tier(self) -> str:
+        return str(self.spec.get("tier") or DEFAULT_TIER)
+
+    @property
+    def storage_name(self) -> str:
+        return tiered_policy_name(self.metadata.name)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = self.api_json()
+        meta = doc["metadata"]
+        meta["name"] = self.storage_name
+        labels = {k: v for k, v in (meta.get("labels") or {}).items() if k != TIER_LABEL}
+        meta.pop("labels", None)
+        if labels:
+            meta["labels"] = labels
+        stash = json.dumps({"name": self.metadata.name}, separators=(",", ":"))
+        meta["annotations"] = {**(meta.get("annotations") or {}), METADATA_ANNOTATION: stash}
+        if self.tier == DEFAULT_TIER:
+            doc["spec"] = {k: v for k, v in doc["spec"].items() if k != "tier"}
+        doc["metadata"] = ordered_metadata(meta)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Self:
+        meta = dict(doc.get("metadata") or {})
+        annotations = dict(meta.get("annotations") or {})
+        stash = annotations.pop(METADATA_ANNOTATION, None)
+        stored = str(meta.get("name") or "")
+        name = json.loads(stash).get("name") if stash else None
+        meta["name"] = name or stored.removeprefix(f"{DEFAULT_TIER}.")
+        meta.pop("annotations", None)
+        if annotations:
+            meta["annotations"] = annotations
+        return cls.from_api({**doc, "metadata": meta})
+
+    @classmethod
+    def from_api(cls, doc: dict[str, Any]) -> Self:
+        policy = super().from_api(doc)
+        tier = policy.tier
+        policy.spec["tier"] = tier
+        policy.metadata.labels[TIER_LABEL] = tier
+        return policy
+
+
+class NetworkPolicy(_TieredPolicy):
     """Namespaced policy; stored and validated (enforcement is not implemented)."""
 
     kind = "NetworkPolicy"
 
 
-class GlobalNetworkPolicy(SpecResource):
+class GlobalNetworkPolicy(_TieredPolicy):
     """Cluster-wide policy; stored and validated (enforcement is not implemented)."""
 
     kind = "GlobalNetworkPolicy"
@@ -789,9 +947,27 @@ RESOURCE_TYPES: dict[str, type[Resource]] = {
         GlobalNetworkPolicy,
         NetworkSet,
         GlobalNetworkSet,
+        Tier,
     )
 }
 Value = AllocationBlock | BlockAffinity | IPAMHandle | IPAMConfig | Resource
+
+
+def api_document(resource: Resource) -> dict[str, Any]:
+    """The v3 document of a resource (IPPool and IPReservation store exactly that)."""
+    return resource.api_json() if isinstance(resource, SpecResource) else resource.to_json()
+
+
+def resource_from_api(kind: str, doc: dict[str, Any]) -> Resource:
+    cls = RESOURCE_TYPES[kind]
+    return cls.from_api(doc) if issubclass(cls, SpecResource) else cls.from_json(doc)
+
+
+def resource_key(resource: Resource) -> ResourceKey:
+    """Where `resource` is stored: its kind, its storage name and (namespaced) namespace."""
+    name = resource.storage_name if isinstance(resource, SpecResource) else resource.metadata.name
+    namespace = resource.metadata.namespace if resource.kind in NAMESPACED_KINDS else ""
+    return ResourceKey(resource.kind, name, namespace)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 We call setns(2) ourselves: pyroute2's `IPRoute(netns=...)` forks a helper process and
 costs ~13 ms per netns against <1 ms here (cost-floor.md §4). A netlink socket opened
 while the thread is inside a netns stays bound to it after we switch back.
+
+Inside the node's CNI server a request's CNI_NETNS may come as a descriptor the client
+opened (`handed_over`): the server may live in another mount namespace, where the path of
+a netns created after it started does not lead to the namespace.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
@@ -29,6 +34,25 @@ SELF_NETNS = "/proc/self/ns/net"
 
 class NetnsGone(Exception):
     """The netns path does not exist (any more)."""
+
+
+# (CNI_NETNS, a descriptor of it) for the request served on this thread.
+_handed_over: ContextVar[tuple[str, int] | None] = ContextVar("calico_netns_fd", default=None)
+
+
+@contextmanager
+def handed_over(path: str, fd: int) -> Iterator[None]:
+    """Within the block, `path` means the namespace `fd` refers to (the client's open)."""
+    token = _handed_over.set((path, fd))
+    try:
+        yield
+    finally:
+        _handed_over.reset(token)
+
+
+def _handed_fd(path: str) -> int | None:
+    handed = _handed_over.get()
+    return handed[1] if handed is not None and handed[0] == path else None
 
 
 @cache
@@ -53,8 +77,9 @@ def open_netns(path: str) -> int:
 
     Raises NetnsGone when the path does not exist, CNIError(4) when it is not a netns.
     """
+    handed = _handed_fd(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.dup(handed) if handed is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise NetnsGone(path) from exc
     except OSError as exc:
@@ -100,8 +125,9 @@ def entered(fd: int) -> Iterator[None]:
 
 def is_own_netns(path: str) -> bool:
     """True when `path` is the netns this process runs in (skel's CheckNetNS)."""
+    handed = _handed_fd(path)
     try:
-        target = os.stat(path)
+        target = os.fstat(handed) if handed is not None else os.stat(path)
     except OSError:
         return False
     own = os.stat(SELF_NETNS)

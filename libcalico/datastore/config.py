@@ -71,8 +71,8 @@ class DatastoreSettings:
         """The backend for `type`; its DatastoreErrors reach the caller untranslated."""
         identity = self._identity() if _kept is not None else None
         if _kept is None or identity is None:
-            return self._connect()
-        return _kept.borrow(identity, self._connect)
+            return self.connect()
+        return _kept.borrow(identity, self.connect)
 
     def _identity(self) -> tuple[Any, ...] | None:
         """What a kept client must match (kept.py); None: never keep this one."""
@@ -89,7 +89,8 @@ class DatastoreSettings:
         # Kubernetes credentials (tokens, exec kubeconfigs) change under a kept client.
         return None
 
-    def _connect(self) -> Datastore:
+    def connect(self) -> Datastore:
+        """A new client of its own, never a kept one (a watch holds its connection)."""
         if self.type == "local":
             # Imported here so that range mode and the other verbs never load sqlite3.
             from libcalico.datastore.local import LocalDatastore

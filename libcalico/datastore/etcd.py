@@ -41,7 +41,13 @@ from libcalico.datastore.base import (
     KVPair,
     NotFound,
 )
-from libcalico.datastore.http11 import BadResponse, KeptConnection, authority, split_url
+from libcalico.datastore.http11 import (
+    BadResponse,
+    Connection,
+    KeptConnection,
+    authority,
+    split_url,
+)
 from libcalico.model import (
     Key,
     ListOptions,
@@ -149,6 +155,39 @@ class EtcdGateway:
         detail = "; ".join(f"{url}: {error}" for url, error in failures.items())
         raise DatastoreUnavailable(f"no etcd endpoint reachable ({detail})")
 
+    def open_stream(self, path: str, request: dict[str, Any]) -> tuple[Connection, Any]:
+        """A streaming POST (the watch) on its own connection, to the first endpoint that
+        takes it: the connection and its response lines."""
+        payload = json.dumps(request, separators=(",", ":")).encode()
+        failures: dict[str, str] = {}
+        for _ in self.endpoints:
+            endpoint = self.endpoints[self._current]
+            conn = None
+            try:
+                conn = Connection(
+                    endpoint.host, endpoint.port, self._tls_context(endpoint),
+                    CONNECT_TIMEOUT, REQUEST_TIMEOUT,
+                )  # fmt: skip
+                status, lines = conn.stream("POST", path, _JSON_HEADERS, payload)
+                if status == 200:
+                    return conn, lines
+                why = f"HTTP {status}"
+            except (OSError, ValueError, BadResponse) as err:
+                why = str(err) or type(err).__name__
+            if conn is not None:
+                conn.close()
+            failures[endpoint.url] = why
+            self._current = (self._current + 1) % len(self.endpoints)
+        detail = "; ".join(f"{url}: {error}" for url, error in failures.items())
+        raise DatastoreUnavailable(f"no etcd endpoint reachable ({detail})")
+
+    def _tls_context(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        if endpoint.scheme != "https":
+            return None
+        if self._context is None:
+            self._context = (self._tls or TLSFiles()).context()
+        return self._context
+
     def _next_endpoint(self, failures: dict[str, str], endpoint: Endpoint, why: str) -> None:
         self.close()
         failures[endpoint.url] = why
@@ -156,13 +195,12 @@ class EtcdGateway:
 
     def _connection(self, endpoint: Endpoint) -> KeptConnection:
         if self._http is None:
-            context = None
-            if endpoint.scheme == "https":
-                if self._context is None:
-                    self._context = (self._tls or TLSFiles()).context()
-                context = self._context
             self._http = KeptConnection(
-                endpoint.host, endpoint.port, context, CONNECT_TIMEOUT, REQUEST_TIMEOUT
+                endpoint.host,
+                endpoint.port,
+                self._tls_context(endpoint),
+                CONNECT_TIMEOUT,
+                REQUEST_TIMEOUT,
             )
         return self._http
 
@@ -227,16 +265,25 @@ class EtcdDatastore(Datastore):
         return self._pair(key, kvs[0])
 
     def list(self, options: ListOptions) -> list[KVPair]:
+        return self.list_at(options)[0]
+
+    def list_at(self, options: ListOptions, revision: str = "") -> tuple[list[KVPair], str]:
+        """The pairs as of `revision` (now when ""), and the revision they are from."""
         prefix = list_prefix(options)
-        reply = self._gateway.call(
-            "/v3/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
-        )
+        request = {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
+        if revision:
+            request["revision"] = revision
+        reply = self._gateway.call("/v3/kv/range", request)
         pairs = []
         for kv in reply.get("kvs", []):
             key = key_from_path(base64.b64decode(kv["key"]).decode())
             if key is not None and list_matches(options, key):
                 pairs.append(self._pair(key, kv))
-        return pairs
+        return pairs, revision or reply["header"]["revision"]
+
+    @property
+    def gateway(self) -> EtcdGateway:
+        return self._gateway
 
     def _guarded(self, path: str, compare: dict[str, str], then: dict[str, Any]) -> str:
         """Run `then` on `path` if `compare` holds and return the new revision; otherwise

@@ -7,7 +7,9 @@ Content-Length or chunked encoding, which is all this handles.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
 
 _MAX_HEADER_LINES = 100
 _MAX_LINE = 65537
+# A watch stream's peer is declared dead after ~25 s of silence to keepalive probes.
+_KEEPALIVE = ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3))
 
 
 def authority(host: str, port: int | str) -> str:
@@ -63,7 +67,8 @@ class Response:
 
 
 class Connection:
-    """One open HTTP/1.1 connection; `keep_alive` is False once the peer said it closes."""
+    """One open HTTP/1.1 connection; `keep_alive` is False once the peer said it closes.
+    `request` reads whole responses; `stream` hands one over as it arrives (watches)."""
 
     def __init__(
         self,
@@ -89,14 +94,17 @@ class Connection:
         self._host = authority(host, port)
         self.keep_alive = True
 
-    def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
-    ) -> Response:
+    def _send(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self._host}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body)}")
         self._sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> Response:
+        self._send(method, path, headers, body)
         status = self._status_line()
         reply_headers = self._headers()
         if reply_headers.get("transfer-encoding", "").lower() == "chunked":
@@ -109,6 +117,31 @@ class Connection:
             raise BadResponse("response without a length")
         self.keep_alive = reply_headers.get("connection", "").lower() != "close"
         return Response(status, reply_headers, reply)
+
+    def stream(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, Iterator[bytes]]:
+        """Send a request whose response goes on (a watch): its status and its body's lines
+        as they arrive. The socket then blocks without timeout (TCP keepalive finds a dead
+        peer); `close` from another thread ends the iteration with an OSError."""
+        self._send(method, path, headers, body)
+        status = self._status_line()
+        reply_headers = self._headers()
+        self.keep_alive = False
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in _KEEPALIVE:
+            self._sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        if reply_headers.get("transfer-encoding", "").lower() == "chunked":
+            return status, _lines(self._chunks())
+        if "content-length" in reply_headers:
+            return status, _lines(iter([self._exactly(int(reply_headers["content-length"]))]))
+        return status, _lines(iter(self._reader.readline, b""))
+
+    def _chunks(self) -> Iterator[bytes]:
+        while size := int(self._line().split(b";", 1)[0], 16):
+            yield self._exactly(size)
+            self._line()
 
     def _line(self) -> bytes:
         line = self._reader.readline(_MAX_LINE)
@@ -147,9 +180,25 @@ class Connection:
             raise BadResponse("connection closed mid-body")
         return data
 
+    def interrupt(self) -> None:
+        """Wake a thread blocked reading a stream (from another thread)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         self._reader.close()
         self._sock.close()
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Newline-delimited records from chunks that may split or join them."""
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from (line for line in complete if line.strip())
+    if pending.strip():
+        yield pending
 
 
 class KeptConnection:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from libcalico.datastore.base import (
 )
 from libcalico.datastore.http11 import (
     BadResponse,
+    Connection,
     KeptConnection,
     Response,
     authority,
@@ -308,6 +309,7 @@ class KubeClient:
         self.access = access
         self.server = ServerURL.parse(access.server)
         self._http: KeptConnection | None = None
+        self._tls_context: ssl.SSLContext | None = None
         self.round_trips = 0
 
     def get(self, path: str, query: str = "") -> dict[str, Any]:
@@ -318,11 +320,9 @@ class KubeClient:
     ) -> dict[str, Any]:
         """Send `body` as JSON; the decoded reply, or the datastore error for its status."""
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = {"Accept": JSON, "User-Agent": "calico-cni-python"}
+        headers = self._headers()
         if body is not None:
             headers["Content-Type"] = content_type
-        if self.access.token:
-            headers["Authorization"] = f"Bearer {self.access.token}"
         reply = self._send(method, self.server.prefix + path, headers, payload)
         if 200 <= reply.status < 300:
             try:
@@ -330,6 +330,41 @@ class KubeClient:
             except ValueError as err:
                 raise DatastoreError(f"{method} {path}: the API server sent invalid JSON") from err
         raise self._error(method, path, reply)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": JSON, "User-Agent": "calico-cni-python"}
+        if self.access.token:
+            headers["Authorization"] = f"Bearer {self.access.token}"
+        return headers
+
+    def stream(self, path: str, query: str) -> tuple[Connection, Iterator[bytes]]:
+        """A GET whose response goes on (a watch), on a connection of its own: the
+        connection (to interrupt and close) and the response's lines."""
+        conn = None
+        try:
+            tls = self._tls() if self.server.scheme == "https" else None
+            conn = Connection(
+                self.server.host, self.server.port, tls, CONNECT_TIMEOUT, REQUEST_TIMEOUT
+            )
+            status, lines = conn.stream(
+                "GET", f"{self.server.prefix}{path}?{query}", self._headers()
+            )
+        except (OSError, ValueError, BadResponse) as err:
+            if conn is not None:
+                conn.close()
+            raise DatastoreUnavailable(
+                f"Kubernetes API server {self.server} unreachable: {err or type(err).__name__}"
+            ) from err
+        if status != 200:
+            body = b"\n".join(lines) if status < 500 else b""
+            conn.close()
+            raise self._error("GET", path, Response(status, {}, body))
+        return conn, lines
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._tls_context is None:
+            self._tls_context = self.access.tls_context()
+        return self._tls_context
 
     def _send(self, method: str, path: str, headers: dict[str, str], payload: bytes) -> Response:
         try:
@@ -343,7 +378,7 @@ class KubeClient:
 
     def _connection(self) -> KeptConnection:
         if self._http is None:
-            tls = self.access.tls_context() if self.server.scheme == "https" else None
+            tls = self._tls() if self.server.scheme == "https" else None
             self._http = KeptConnection(
                 self.server.host, self.server.port, tls, CONNECT_TIMEOUT, REQUEST_TIMEOUT
             )

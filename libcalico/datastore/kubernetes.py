@@ -24,9 +24,12 @@ import contextlib
 import dataclasses
 import hashlib
 import ipaddress
+import json
+import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 from libcalico.datastore.base import (
@@ -39,6 +42,8 @@ from libcalico.datastore.base import (
 )
 from libcalico.datastore.k8s_client import KubeClient
 from libcalico.model import (
+    API_VERSION,
+    METADATA_ANNOTATION,
     RESOURCE_PLURALS,
     RESOURCE_TYPES,
     AllocationBlock,
@@ -57,9 +62,12 @@ from libcalico.model import (
     ListOptions,
     Node,
     ObjectMeta,
+    Profile,
     ResourceKey,
     ResourceListOptions,
     Value,
+    WorkloadEndpoint,
+    ordered_metadata,
 )
 
 GROUP_VERSION = "crd.projectcalico.org/v1"
@@ -130,9 +138,34 @@ class Codec:
     plural: str
     two_step_delete: bool = False
     root: str = CRD_ROOT
+    # The object is Kubernetes' own (a Node): an update merges into the live object.
+    merges: ClassVar[bool] = False
+    # Operations this kind refuses, and why.
+    refused: ClassVar[dict[str, str]] = {}
 
-    def collection(self) -> str:
+    def collection(self, key: Key | None = None) -> str:
+        """Where objects are created (for `key`) or listed (every namespace)."""
         return f"{self.root}/{self.plural}"
+
+    def check(self, operation: str) -> None:
+        if operation in self.refused:
+            raise DatastoreError(
+                f"operation {operation} is not supported on {self.kind} in the Kubernetes "
+                f"datastore: {self.refused[operation]}"
+            )
+
+    def selects(self, obj: dict[str, Any]) -> bool:
+        """Whether a listed object stands for one of ours."""
+        return True
+
+    def revision(self, obj: dict[str, Any]) -> str | None:
+        return obj["metadata"].get("resourceVersion")
+
+    def update_path(self, key: Key) -> str:
+        return self.path(key)
+
+    def merge(self, current: dict[str, Any], key: Key, value: Value) -> dict[str, Any]:
+        raise NotImplementedError
 
     def path(self, key: Key) -> str:
         return f"{self.collection()}/{quote(self.name(key), safe='')}"
@@ -241,42 +274,440 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj["metadata"].items() if k not in _SERVER_METADATA}
 
 
+def convert_uid(uid: str) -> str:
+    """The v3 UID Calico shows for a CRD's UID, and back (the mapping is its own inverse):
+    the bits of every byte reversed except the version and variant bytes (6 and 8), so a
+    v3 object and its backing CRD never share a UID (observed from calicoctl v3.31.7)."""
+    try:
+        raw = bytearray(uuid.UUID(uid).bytes)
+    except ValueError:
+        return uid
+    for index, byte in enumerate(raw):
+        if index not in (6, 8):
+            raw[index] = int(f"{byte:08b}"[::-1], 2)
+    return str(uuid.UUID(bytes=bytes(raw)))
+
+
+def _ours(key: str) -> bool:
+    """Labels and annotations Calico keeps on the CRD itself (libcalico-go's isOurs)."""
+    return "projectcalico.org/" in key or "operator.tigera.io/" in key
+
+
+def _compact(doc: dict[str, Any]) -> str:
+    """Go's json.Marshal of a map: keys sorted, no spaces."""
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
+def _json_map(text: Any) -> dict[str, Any]:
+    """An annotation holding a JSON object; {} when it holds anything else."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class ResourceCodec(Codec):
-    """Cluster-scoped v3 resources (IPPool, BGPPeer, ...): the v3 document with the CRD's
-    apiVersion."""
+    """v3 resources as Calico's CRDs (IPPool, BGPPeer, NetworkPolicy, ...): the spec as is;
+    the v3 metadata in the `projectcalico.org/metadata` annotation, the CRD's own metadata
+    holding only the name (a policy's tiered name), namespace, and Calico's labels and
+    annotations; the v3 UID derived from the CRD's (libcalico-go's CRD conversion)."""
+
+    namespaced: bool = False
+
+    def collection(self, key: Key | None = None) -> str:
+        if self.namespaced and isinstance(key, ResourceKey):
+            return f"{self.root}/namespaces/{quote(key.namespace, safe='')}/{self.plural}"
+        return f"{self.root}/{self.plural}"
+
+    def path(self, key: Key) -> str:
+        return f"{self.collection(key)}/{quote(self.name(key), safe='')}"
 
     def name(self, key: ResourceKey) -> str:
         return key.name
 
     def encode(self, key: ResourceKey, value: Value) -> dict[str, Any]:
         doc = value.to_json()
-        doc["apiVersion"] = GROUP_VERSION
-        doc.pop("status", None)  # the status subresource is not ours to write
-        doc["metadata"] = _metadata(doc)
-        return doc
+        meta = dict(doc.get("metadata") or {})
+        annotations = dict(meta.pop("annotations", None) or {})
+        stash = _json_map(annotations.pop(METADATA_ANNOTATION, None))
+        labels = meta.get("labels") or {}
+        for field_name in ("name", "namespace", "resourceVersion", "uid"):
+            meta.pop(field_name, None)
+        if "name" in stash:
+            meta["name"] = stash["name"]  # a policy's v3 name, beside its tiered one
+        if annotations:
+            meta["annotations"] = annotations
+        crd_meta: dict[str, Any] = {"name": key.name}
+        if self.namespaced:
+            crd_meta["namespace"] = key.namespace
+        ours_labels = {k: v for k, v in labels.items() if _ours(k)}
+        if ours_labels:
+            crd_meta["labels"] = ours_labels
+        crd_meta["annotations"] = {
+            **{k: v for k, v in annotations.items() if _ours(k)},
+            METADATA_ANNOTATION: json.dumps(ordered_metadata(meta), separators=(",", ":")),
+        }
+        obj: dict[str, Any] = {
+            "apiVersion": GROUP_VERSION,
+            "kind": self.kind,
+            "metadata": crd_meta,
+            "spec": doc.get("spec") or {},
+        }
+        return obj
 
     def decode(self, obj: dict[str, Any]) -> Decoded:
-        doc = dict(obj, metadata=_metadata(obj))
+        crd_meta = obj["metadata"]
+        annotations = dict(crd_meta.get("annotations") or {})
+        stash = _json_map(annotations.pop(METADATA_ANNOTATION, None))
+        labels = {**(crd_meta.get("labels") or {}), **(stash.get("labels") or {})}
+        annotations.update(stash.get("annotations") or {})
+        meta = {k: v for k, v in stash.items() if k not in ("name", "labels", "annotations")}
+        meta["name"] = crd_meta["name"]
+        if self.namespaced:
+            meta["namespace"] = crd_meta.get("namespace", "")
+        if crd_meta.get("uid"):
+            meta["uid"] = convert_uid(crd_meta["uid"])
+        meta.setdefault("creationTimestamp", crd_meta.get("creationTimestamp"))
+        if "name" in stash:
+            annotations[METADATA_ANNOTATION] = json.dumps({"name": stash["name"]})
+        if labels:
+            meta["labels"] = labels
+        if annotations:
+            meta["annotations"] = annotations
+        doc = {
+            "kind": self.kind,
+            "apiVersion": API_VERSION,
+            "metadata": ordered_metadata({k: v for k, v in meta.items() if v is not None}),
+            "spec": obj.get("spec") or {},
+        }
+        if obj.get("status") is not None:
+            doc["status"] = obj["status"]
         value = RESOURCE_TYPES[self.kind].from_json(doc)
-        return Decoded(ResourceKey(self.kind, value.metadata.name), value)
+        namespace = crd_meta.get("namespace", "") if self.namespaced else ""
+        return Decoded(ResourceKey(self.kind, crd_meta["name"], namespace), value)
+
+
+class NamespacedResourceCodec(ResourceCodec):
+    """NetworkPolicy and NetworkSet: CRDs in the resource's namespace."""
+
+    namespaced = True
+
+
+# The Calico Node's fields a Kubernetes Node carries as annotations (libcalico-go's
+# resources/node.go), in the order Calico lists them: spec.bgp's, then spec's.
+_NODE_BGP_ANNOTATIONS = {
+    "ipv4Address": "projectcalico.org/IPv4Address",
+    "ipv6Address": "projectcalico.org/IPv6Address",
+    "ipv4IPIPTunnelAddr": "projectcalico.org/IPv4IPIPTunnelAddr",
+    "routeReflectorClusterID": "projectcalico.org/RouteReflectorClusterID",
+    "asNumber": "projectcalico.org/ASNumber",
+}
+_NODE_SPEC_ANNOTATIONS = {
+    "ipv4VXLANTunnelAddr": "projectcalico.org/IPv4VXLANTunnelAddr",
+    "vxlanTunnelMACAddr": "projectcalico.org/VXLANTunnelMACAddr",
+    "ipv6VXLANTunnelAddr": "projectcalico.org/IPv6VXLANTunnelAddr",
+    "vxlanTunnelMACAddrV6": "projectcalico.org/VXLANTunnelMACAddrV6",
+}
+_NODE_WIREGUARD_ANNOTATIONS = {
+    "interfaceIPv4Address": "projectcalico.org/IPv4WireguardInterfaceAddr",
+    "interfaceIPv6Address": "projectcalico.org/IPv6WireguardInterfaceAddr",
+}
+_NODE_STATUS_ANNOTATIONS = {
+    "wireguardPublicKey": "projectcalico.org/WireguardPublicKey",
+    "wireguardPublicKeyV6": "projectcalico.org/WireguardPublicKeyV6",
+}
+NODE_LABELS_ANNOTATION = "projectcalico.org/labels"
+NODE_ANNOTATIONS_ANNOTATION = "projectcalico.org/annotations"
+NODE_KUBE_LABELS_ANNOTATION = "projectcalico.org/kube-labels"
+
+
+def _node_addresses(bgp: dict[str, Any], status: dict[str, Any]) -> list[dict[str, str]]:
+    addresses = [
+        {"address": bgp[field_name], "type": "CalicoNodeIP"}
+        for field_name in ("ipv4Address", "ipv6Address")
+        if bgp.get(field_name)
+    ]
+    kinds = {"InternalIP": "InternalIP", "ExternalIP": "ExternalIP"}
+    for address in status.get("addresses") or []:
+        if address.get("type") in kinds:
+            addresses.append({"address": address["address"], "type": kinds[address["type"]]})
+    return addresses
 
 
 class NodeCodec(Codec):
-    """The cluster's Nodes, read-only: IPAM needs their names and labels."""
+    """A Calico Node in the Kubernetes datastore is the cluster's Node: its labels, plus
+    Calico's own labels, BGP addresses, AS number, route-reflector cluster ID and tunnel
+    addresses in `projectcalico.org/*` annotations. Kubelet creates and deletes Nodes;
+    Calico only updates them (through the status subresource), as real Calico does."""
+
+    merges = True
+    refused: ClassVar[dict[str, str]] = {
+        "Create": "kubelet registers Nodes; Calico only adds its settings to them",
+        "Delete": "the Node goes when the cluster removes it",
+    }
 
     def name(self, key: ResourceKey) -> str:
         return key.name
 
-    def encode(self, key: Key, value: Value) -> dict[str, Any]:
-        raise DatastoreError(
-            "Nodes in the Kubernetes datastore are the cluster's own Nodes: "
-            "kubelet registers them, the CNI plugin never writes them"
+    def update_path(self, key: Key) -> str:
+        return self.path(key) + "/status"
+
+    def merge(self, current: dict[str, Any], key: Key, value: Value) -> dict[str, Any]:
+        """`current` (the live Node) with the Calico Node's settings written into it."""
+        node = value.api_json()
+        obj = json.loads(json.dumps(current))
+        meta = obj["metadata"]
+        annotations = dict(meta.get("annotations") or {})
+        kube_labels = dict(meta.get("labels") or {})
+        calico_annotations = dict(node["metadata"].get("annotations") or {})
+        inherited = _json_map(calico_annotations.pop(NODE_KUBE_LABELS_ANNOTATION, None))
+        calico_labels = {
+            k: v
+            for k, v in (node["metadata"].get("labels") or {}).items()
+            if k not in inherited and k not in kube_labels
+        }
+        for name, content in (
+            (NODE_LABELS_ANNOTATION, calico_labels),
+            (NODE_ANNOTATIONS_ANNOTATION, calico_annotations),
+        ):
+            if content:
+                annotations[name] = _compact(content)
+            else:
+                annotations.pop(name, None)
+        spec = node.get("spec") or {}
+        bgp = spec.get("bgp") or {}
+        groups = (
+            (bgp, _NODE_BGP_ANNOTATIONS),
+            (spec, _NODE_SPEC_ANNOTATIONS),
+            (spec.get("wireguard") or {}, _NODE_WIREGUARD_ANNOTATIONS),
+            (node.get("status") or {}, _NODE_STATUS_ANNOTATIONS),
         )
+        for source, names in groups:
+            for field_name, annotation in names.items():
+                if source.get(field_name) not in (None, ""):
+                    annotations[annotation] = str(source[field_name])
+                else:
+                    annotations.pop(annotation, None)
+        meta["annotations"] = annotations
+        return obj
 
     def decode(self, obj: dict[str, Any]) -> Decoded:
-        metadata = obj["metadata"]
-        node = Node(ObjectMeta(metadata["name"], dict(metadata.get("labels") or {})))
+        meta = obj["metadata"]
+        annotations = meta.get("annotations") or {}
+        kube_labels = dict(meta.get("labels") or {})
+        labels = {**_json_map(annotations.get(NODE_LABELS_ANNOTATION)), **kube_labels}
+        node_annotations = {
+            **_json_map(annotations.get(NODE_ANNOTATIONS_ANNOTATION)),
+            NODE_KUBE_LABELS_ANNOTATION: _compact(kube_labels),
+        }
+        spec: dict[str, Any] = {}
+        bgp = {f: annotations[a] for f, a in _NODE_BGP_ANNOTATIONS.items() if annotations.get(a)}
+        if "asNumber" in bgp:
+            try:
+                bgp["asNumber"] = int(bgp["asNumber"])
+            except ValueError:
+                del bgp["asNumber"]  # Calico ignores an AS number it cannot read
+        status: dict[str, Any] = {
+            f: annotations[a] for f, a in _NODE_STATUS_ANNOTATIONS.items() if annotations.get(a)
+        }
+        kube_spec = obj.get("spec") or {}
+        if kube_spec.get("podCIDRs"):
+            status["podCIDRs"] = list(kube_spec["podCIDRs"])
+        addresses = _node_addresses(bgp, obj.get("status") or {})
+        if addresses:
+            spec["addresses"] = addresses
+        if bgp:
+            spec["bgp"] = bgp
+        for field_name, annotation in _NODE_SPEC_ANNOTATIONS.items():
+            if annotations.get(annotation):
+                spec[field_name] = annotations[annotation]
+        wireguard = {
+            f: annotations[a] for f, a in _NODE_WIREGUARD_ANNOTATIONS.items() if annotations.get(a)
+        }
+        if wireguard:
+            spec["wireguard"] = wireguard
+        spec["orchRefs"] = [{"nodeName": meta["name"], "orchestrator": "k8s"}]
+        extra = {k: meta[k] for k in ("uid", "creationTimestamp") if meta.get(k)}
+        extra["annotations"] = node_annotations
+        node = Node(ObjectMeta(meta["name"], labels, extra), spec, status)
         return Decoded(ResourceKey("Node", node.metadata.name), node)
+
+
+_DERIVED = "it is derived from Kubernetes objects; change those instead"
+
+
+class _ReadOnlyCodec(Codec):
+    """Objects Kubernetes owns that Calico presents as its own (pods, namespaces)."""
+
+    refused: ClassVar[dict[str, str]] = {op: _DERIVED for op in ("Create", "Update", "Delete")}
+
+
+WEP_LABEL_NAMESPACE = "projectcalico.org/namespace"
+WEP_LABEL_ORCHESTRATOR = "projectcalico.org/orchestrator"
+WEP_LABEL_SERVICE_ACCOUNT = "projectcalico.org/serviceaccount"
+POD_IPS_ANNOTATION = "cni.projectcalico.org/podIPs"
+POD_IP_ANNOTATION = "cni.projectcalico.org/podIP"
+CONTAINER_ID_ANNOTATION = "cni.projectcalico.org/containerID"
+
+
+def workload_endpoint_name(node: str, orchestrator: str, workload: str, endpoint: str) -> str:
+    """Each segment with `-` doubled, joined by single dashes (libcalico-go's names)."""
+    return "-".join(s.replace("-", "--") for s in (node, orchestrator, workload, endpoint))
+
+
+def pod_of_endpoint(name: str) -> str | None:
+    """The pod a `<node>-k8s-<pod>-eth0` endpoint name stands for, or None."""
+    segments = re.split(r"(?<!-)-(?!-)", name)
+    if len(segments) != 4 or segments[1] != "k8s":
+        return None
+    return segments[2].replace("--", "-")
+
+
+def pod_veth_name(namespace: str, pod: str) -> str:
+    """The host-side veth Calico names after a pod: `cali` + 11 hex of SHA-1(ns.pod)."""
+    return "cali" + hashlib.sha1(f"{namespace}.{pod}".encode()).hexdigest()[:11]
+
+
+def _pod_networks(pod: dict[str, Any]) -> list[str]:
+    annotations = pod["metadata"].get("annotations") or {}
+    text = annotations.get(POD_IPS_ANNOTATION) or annotations.get(POD_IP_ANNOTATION) or ""
+    networks = [n.strip() for n in text.split(",") if n.strip()]
+    if not networks:
+        for entry in (pod.get("status") or {}).get("podIPs") or []:
+            ip = ipaddress.ip_address(entry["ip"])
+            networks.append(f"{ip}/{ip.max_prefixlen}")
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return []  # a finished pod no longer owns its addresses
+    return networks
+
+
+class WorkloadEndpointCodec(_ReadOnlyCodec):
+    """Pods as Calico's WorkloadEndpoints (libcalico-go's pod conversion): one per pod
+    scheduled to a node and not on the host network, named `<node>-k8s-<pod>-eth0`."""
+
+    def collection(self, key: Key | None = None) -> str:
+        if isinstance(key, ResourceKey):
+            return f"{self.root}/namespaces/{quote(key.namespace, safe='')}/pods"
+        return f"{self.root}/pods"
+
+    def path(self, key: Key) -> str:
+        return f"{self.collection(key)}/{quote(self.name(key), safe='')}"
+
+    def name(self, key: ResourceKey) -> str:
+        pod = pod_of_endpoint(key.name)
+        if pod is None:
+            raise NotFound(f"{key.name} is not the name of a Kubernetes pod's endpoint")
+        return pod
+
+    def selects(self, obj: dict[str, Any]) -> bool:
+        spec = obj.get("spec") or {}
+        return bool(spec.get("nodeName")) and not spec.get("hostNetwork")
+
+    def decode(self, obj: dict[str, Any]) -> Decoded:
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        namespace, pod, node = meta["namespace"], meta["name"], spec.get("nodeName") or ""
+        account = spec.get("serviceAccountName") or ""
+        labels = {
+            **(meta.get("labels") or {}),
+            WEP_LABEL_NAMESPACE: namespace,
+            WEP_LABEL_ORCHESTRATOR: "k8s",
+        }
+        profiles = [f"kns.{namespace}"]
+        if account:
+            profiles.append(f"ksa.{namespace}.{account}")
+            if len(account) < 63:
+                labels[WEP_LABEL_SERVICE_ACCOUNT] = account
+        name = workload_endpoint_name(node, "k8s", pod, "eth0")
+        endpoint: dict[str, Any] = {"orchestrator": "k8s", "node": node, "pod": pod}
+        container = (meta.get("annotations") or {}).get(CONTAINER_ID_ANNOTATION)
+        if container:
+            endpoint["containerID"] = container
+        endpoint.update(
+            endpoint="eth0",
+            interfaceName=pod_veth_name(namespace, pod),
+            ipNetworks=_pod_networks(obj),
+            profiles=profiles,
+        )
+        if account:
+            endpoint["serviceAccountName"] = account
+        extra = {"namespace": namespace}
+        for name_field in ("uid", "creationTimestamp", "generateName"):
+            if meta.get(name_field):
+                extra[name_field] = meta[name_field]
+        wep = WorkloadEndpoint(ObjectMeta(name, labels, extra), endpoint)
+        return Decoded(ResourceKey("WorkloadEndpoint", name, namespace), wep)
+
+
+DEFAULT_ALLOW_PROFILE = "projectcalico-default-allow"
+
+
+def _allow_all() -> dict[str, Any]:
+    return {
+        "ingress": [{"action": "Allow", "source": {}, "destination": {}}],
+        "egress": [{"action": "Allow", "source": {}, "destination": {}}],
+    }
+
+
+class NamespaceProfileCodec(_ReadOnlyCodec):
+    """A Namespace as Calico's `kns.<namespace>` Profile: allow all, and the namespace's
+    labels to apply to its endpoints as `pcns.<label>`."""
+
+    prefix = "kns."
+
+    def revision(self, obj: dict[str, Any]) -> str:
+        """Calico's profile revision is `<namespace's>/<service account's>`."""
+        return f"{obj['metadata'].get('resourceVersion', '')}/"
+
+    def name(self, key: ResourceKey) -> str:
+        return key.name.removeprefix(self.prefix)
+
+    def decode(self, obj: dict[str, Any]) -> Decoded:
+        meta = obj["metadata"]
+        labels = {f"pcns.{k}": v for k, v in (meta.get("labels") or {}).items()}
+        labels["pcns.projectcalico.org/name"] = meta["name"]
+        return self._profile(self.prefix + meta["name"], meta, labels)
+
+    def _profile(self, name: str, meta: dict[str, Any], apply: dict[str, str]) -> Decoded:
+        extra = {"uid": convert_uid(meta["uid"])} if meta.get("uid") else {}
+        if meta.get("creationTimestamp"):
+            extra["creationTimestamp"] = meta["creationTimestamp"]
+        spec = {**_allow_all(), "labelsToApply": dict(sorted(apply.items()))}
+        return Decoded(ResourceKey("Profile", name), Profile(ObjectMeta(name, {}, extra), spec))
+
+
+class ServiceAccountProfileCodec(NamespaceProfileCodec):
+    """A ServiceAccount as Calico's `ksa.<namespace>.<account>` Profile: no rules, the
+    account's labels to apply as `pcsa.<label>`."""
+
+    prefix = "ksa."
+
+    def revision(self, obj: dict[str, Any]) -> str:
+        return f"/{obj['metadata'].get('resourceVersion', '')}"
+
+    def collection(self, key: Key | None = None) -> str:
+        if isinstance(key, ResourceKey):
+            namespace = key.name.removeprefix(self.prefix).split(".", 1)[0]
+            return f"{self.root}/namespaces/{quote(namespace, safe='')}/serviceaccounts"
+        return f"{self.root}/serviceaccounts"
+
+    def path(self, key: Key) -> str:
+        return f"{self.collection(key)}/{quote(self.name(key), safe='')}"
+
+    def name(self, key: ResourceKey) -> str:
+        rest = key.name.removeprefix(self.prefix)
+        if "." not in rest:
+            raise NotFound(f"{key.name} is not the name of a service account's profile")
+        return rest.split(".", 1)[1]
+
+    def decode(self, obj: dict[str, Any]) -> Decoded:
+        meta = obj["metadata"]
+        labels = {f"pcsa.{k}": v for k, v in (meta.get("labels") or {}).items()}
+        labels["pcsa.projectcalico.org/name"] = meta["name"]
+        name = f"{self.prefix}{meta['namespace']}.{meta['name']}"
+        decoded = self._profile(name, meta, labels)
+        decoded.value.spec = {"labelsToApply": decoded.value.spec["labelsToApply"]}
+        return decoded
 
 
 _BLOCKS = BlockCodec("IPAMBlock", "ipamblocks", two_step_delete=True)
@@ -296,19 +727,29 @@ _RESOURCES: dict[str, Codec] = {
             "KubeControllersConfiguration",
             "GlobalNetworkPolicy",
             "GlobalNetworkSet",
+            "Tier",
         )
     },
+    **{
+        kind: NamespacedResourceCodec(kind, RESOURCE_PLURALS[kind])
+        for kind in ("NetworkPolicy", "NetworkSet")
+    },
     "Node": NodeCodec("Node", RESOURCE_PLURALS["Node"], root="/api/v1"),
+    "WorkloadEndpoint": WorkloadEndpointCodec("WorkloadEndpoint", "pods", root="/api/v1"),
 }
+_PROFILES = (
+    NamespaceProfileCodec("Profile", "namespaces", root="/api/v1"),
+    ServiceAccountProfileCodec("Profile", "serviceaccounts", root="/api/v1"),
+)
 
 
-def _resource_codec(kind: str) -> Codec:
+def _resource_codecs(kind: str) -> tuple[Codec, ...]:
+    if kind == "Profile":
+        return _PROFILES
     try:
-        return _RESOURCES[kind]
+        return (_RESOURCES[kind],)
     except KeyError:
-        raise DatastoreError(
-            f"{kind} is not kept in the Kubernetes datastore (the Pod is the workload endpoint)"
-        ) from None
+        raise DatastoreError(f"{kind} is not kept in the Kubernetes datastore") from None
 
 
 def codec_for(key: Key) -> Codec:
@@ -321,23 +762,28 @@ def codec_for(key: Key) -> Codec:
             return _HANDLES
         case IPAMConfigKey():
             return _IPAM_CONFIG
+        case ResourceKey("Profile", name):
+            codec = next((c for c in _PROFILES if name.startswith(c.prefix)), None)
+            if codec is None:
+                raise NotFound(f"Profile {name}: only kns.* and ksa.* profiles exist here")
+            return codec
         case ResourceKey(kind, _):
-            return _resource_codec(kind)
+            return _resource_codecs(kind)[0]
     raise TypeError(f"not a datastore key: {key!r}")
 
 
-def _list_plan(options: ListOptions) -> tuple[Codec, str]:
-    """The codec to list with and the label selector narrowing the list server-side."""
+def _list_plan(options: ListOptions) -> tuple[tuple[Codec, ...], str]:
+    """The codecs to list with and the label selector narrowing the list server-side."""
     match options:
         case BlockListOptions():
-            return _BLOCKS, ""
+            return (_BLOCKS,), ""
         case BlockAffinityListOptions(host, version, affinity_type):
             labels = affinity_labels(host, affinity_type, version)
-            return _AFFINITIES, ",".join(f"{k}={v}" for k, v in labels.items())
+            return (_AFFINITIES,), ",".join(f"{k}={v}" for k, v in labels.items())
         case HandleListOptions():
-            return _HANDLES, ""
+            return (_HANDLES,), ""
         case ResourceListOptions(kind):
-            return _resource_codec(kind), ""
+            return _resource_codecs(kind), ""
     raise TypeError(f"not list options: {options!r}")
 
 
@@ -371,7 +817,7 @@ class KubernetesDatastore(Datastore):
         except (KeyError, TypeError, ValueError) as err:
             name = (obj.get("metadata") or {}).get("name")
             raise DatastoreCorrupt(f"{codec.kind} {name!r} is not a Calico object: {err}") from err
-        return KVPair(decoded.key, decoded.value, obj["metadata"].get("resourceVersion"))
+        return KVPair(decoded.key, decoded.value, codec.revision(obj))
 
     @staticmethod
     def _marked_deleted(codec: Codec, kvp: KVPair) -> bool:
@@ -389,22 +835,58 @@ class KubernetesDatastore(Datastore):
         return kvp
 
     def list(self, options: ListOptions) -> list[KVPair]:
-        codec, selector = _list_plan(options)
-        pairs = []
-        for obj in self._list_objects(codec, selector):
-            kvp = self._decode(codec, obj)
-            if _selected(options, kvp.key) and not self._marked_deleted(codec, kvp):
-                pairs.append(kvp)
-        return pairs
+        return self.list_versioned(options)[0]
 
-    def _list_objects(self, codec: Codec, selector: str) -> Iterator[dict[str, Any]]:
-        """Every object of the collection, in pages (the API server's `continue` token)."""
+    def list_versioned(self, options: ListOptions) -> tuple[list[KVPair], list[str]]:
+        """The pairs, and for each collection `options` spans (watch_targets) the list's
+        resourceVersion to watch it from (kubernetes_watch.py)."""
+        codecs, selector = _list_plan(options)
+        pairs = []
+        versions = []
+        for codec in codecs:
+            version: list[str] = []
+            for obj in self._list_objects(codec, selector, version):
+                if not codec.selects(obj):
+                    continue
+                kvp = self._decode(codec, obj)
+                if _selected(options, kvp.key) and not self._marked_deleted(codec, kvp):
+                    pairs.append(kvp)
+            versions.append(version[0] if version else "")
+        return pairs, versions
+
+    def watch_targets(self, options: ListOptions) -> list[tuple[str, str]]:
+        """(collection path, label selector) of each collection `options` spans."""
+        codecs, selector = _list_plan(options)
+        return [(codec.collection(), selector) for codec in codecs]
+
+    def decode_watched(
+        self, options: ListOptions, target: int, obj: dict[str, Any]
+    ) -> KVPair | None:
+        """An object of watch target `target` as a pair (value None when it is marked
+        deleted), or None when `options` does not select it."""
+        codec = _list_plan(options)[0][target]
+        if not codec.selects(obj):
+            return None
+        kvp = self._decode(codec, obj)
+        if not _selected(options, kvp.key):
+            return None
+        if self._marked_deleted(codec, kvp):
+            kvp.value = None
+        return kvp
+
+    def _list_objects(
+        self, codec: Codec, selector: str, version: list[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every object of the collection, in pages (the API server's `continue` token);
+        the first page's resourceVersion, the list's, is appended to `version`."""
         query = {"limit": str(LIST_PAGE)}
         if selector:
             query["labelSelector"] = selector
         while True:
             text = "&".join(f"{k}={quote(v, safe='')}" for k, v in query.items())
             page = self.client.get(codec.collection(), text)
+            if version is not None and not version:
+                version.append((page.get("metadata") or {}).get("resourceVersion") or "")
             yield from page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -413,21 +895,30 @@ class KubernetesDatastore(Datastore):
 
     def create(self, kvp: KVPair) -> KVPair:
         codec = codec_for(kvp.key)
-        created = self.client.request("POST", codec.collection(), codec.encode(kvp.key, kvp.value))
+        codec.check("Create")
+        obj = codec.encode(kvp.key, kvp.value)
+        created = self.client.request("POST", codec.collection(kvp.key), obj)
         return KVPair(kvp.key, kvp.value, created["metadata"]["resourceVersion"])
 
     def update(self, kvp: KVPair) -> KVPair:
         codec = codec_for(kvp.key)
-        obj = codec.encode(kvp.key, kvp.value)
+        codec.check("Update")
         revision = kvp.revision
+        if codec.merges:
+            current = self.client.get(codec.path(kvp.key))
+            obj = codec.merge(current, kvp.key, kvp.value)
+            revision = revision or current["metadata"]["resourceVersion"]
+        else:
+            obj = codec.encode(kvp.key, kvp.value)
         if revision is None:
             revision = self.client.get(codec.path(kvp.key))["metadata"]["resourceVersion"]
         obj["metadata"]["resourceVersion"] = revision
-        replaced = self.client.request("PUT", codec.path(kvp.key), obj)
+        replaced = self.client.request("PUT", codec.update_path(kvp.key), obj)
         return KVPair(kvp.key, kvp.value, replaced["metadata"]["resourceVersion"])
 
     def delete(self, kvp: KVPair) -> None:
         codec = codec_for(kvp.key)
+        codec.check("Delete")
         revision = kvp.revision
         if codec.two_step_delete:
             marked = dataclasses.replace(kvp.value, deleted=True)

@@ -290,7 +290,7 @@ def test_ippool_defaults(cidr: str, block_size: int) -> None:
         ({"cidr": "10.0.0.0/16", "blockSize": 33}, "spec.blockSize"),
         ({"cidr": "10.0.0.0/16", "blockSize": 19}, "spec.blockSize"),
         ({"cidr": "fd00::/48", "blockSize": 115}, "spec.blockSize"),
-        ({"cidr": "10.0.0.0/28", "blockSize": 26}, "spec.blockSize"),
+        ({"cidr": "10.0.0.0/28", "blockSize": 26}, "spec.cidr"),  # pool smaller than a block
         ({"cidr": "10.0.0.1/16"}, "spec.cidr"),
         ({"cidr": "not-a-cidr"}, "spec.cidr"),
         ({}, "spec.cidr"),
