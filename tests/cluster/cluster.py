@@ -38,6 +38,7 @@ from tests.etcd.cni_support import LoopbackRelay
 from tests.etcd_fixture import log_tail, stop_process
 from tests.harness import REPO, bin_dir, calico_cli
 from tests.k8s.fixture import (
+    CALICO_NODE_USER,
     CNI_USER,
     KUBE_CONTROLLERS_USER,
     KubeCluster,
@@ -55,6 +56,7 @@ COMMANDS = (
     "kubectl",
     "crictl",
 )
+CALICO_NODE_ENV = REPO / "conf" / "calico-node.env"
 POD_POOL = "10.244.0.0/16"  # conf/ippool-default.yaml
 LEAK_GRACE = "5s"
 STOP_TIMEOUT = 20.0
@@ -187,6 +189,7 @@ class Cluster:
         self._start_kubelet(node)
         self._start_kube_proxy(node)
         self.wait_node_ready(name)
+        self._start_calico_node(node)
         return node
 
     def install_calico(self, node: KubeNode) -> None:
@@ -260,6 +263,30 @@ class Cluster:
         config.write_text(yaml.safe_dump(kube_proxy_config(node), sort_keys=False))
         node.spawn("kube-proxy", [str(self.binaries["kube-proxy"]), f"--config={config}", "--v=2"])
 
+    def _start_calico_node(self, node: KubeNode) -> None:
+        """README: calico-node's kubeconfig, conf/calico-node.env and its unit's command,
+        once kubelet has registered the Node it runs for; ready when BIRD is."""
+        self._write_kubeconfig(node, CALICO_NODE_USER, "/etc/calico/calico-node.kubeconfig")
+        node.run("install", "-D", "-m", "0644", str(CALICO_NODE_ENV), "/etc/calico/calico-node.env")
+        env = environment_file(CALICO_NODE_ENV)
+        node.spawn("calico-node", ["/opt/cni/bin/calico-node"], env)
+
+        def ready() -> bool:
+            node.alive("calico-node")
+            probe = node.run(
+                "env",
+                *(f"{k}={v}" for k, v in env.items()),
+                "/opt/cni/bin/calico-node",
+                "-bird-ready",
+                check=False,
+            )
+            return probe.returncode == 0
+
+        try:
+            poll(ready, f"calico-node on {node.name} ready", NODE_READY_TIMEOUT)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{node.log('calico-node', 40)}") from None
+
     def wait_node_ready(self, name: str) -> None:
         node = self.nodes[name]
 
@@ -315,7 +342,15 @@ class Cluster:
                 "--v=1",
             ],
         )
-        applied = self.calico("ctl", "apply", "-f", str(REPO / "conf" / "ippool-default.yaml"))
+        # The seed's pool. The nodes share one subnet and this kernel has no ipip module
+        # (DESIGN.md), so the operator routes it natively: ipipMode Never.
+        pool = self.directory / "ippool.yaml"
+        pool.write_text(
+            (REPO / "conf" / "ippool-default.yaml")
+            .read_text()
+            .replace("ipipMode: CrossSubnet", "ipipMode: Never")
+        )
+        applied = self.calico("ctl", "apply", "-f", str(pool))
         assert applied.returncode == 0, applied.stderr
         self.kubectl(
             "apply",
@@ -392,6 +427,17 @@ def kube_cluster(directory: Path, nodes: int = 1) -> Iterator[Cluster]:
             yield cluster
         finally:
             cluster.stop()
+
+
+def environment_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as systemd's EnvironmentFile= reads them (comments skipped)."""
+    pairs = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def kubelet_config(node: KubeNode) -> dict[str, Any]:

@@ -77,6 +77,8 @@ class Fabric:
         node_netns.exec("ip", "addr", "add", f"{address}/24", "dev", "eth0")
         node_netns.exec("ip", "link", "set", "eth0", "up")
         node_netns.exec("ip", "route", "add", "default", "via", self.gateway)
+        # What kubeadm's preflight demands of a node: pods' traffic is routed through it.
+        node_netns.exec("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 
     def destroy(self) -> None:
         self.netns.delete()
@@ -258,11 +260,11 @@ class KubeNode:
 
     def destroy(self) -> None:
         """Stop everything this node runs, by PID, and remove what it made."""
-        for name in ("kube-proxy", "kubelet", "calico-node"):
+        for name in ("kube-proxy", "kubelet"):
             self.stop_daemon(name)
         if "containerd" in self.daemons:
             self._remove_sandboxes()
-        for name in list(self.daemons):
+        for name in ("calico-node", *self.daemons):
             self.stop_daemon(name)
         for pid in self.processes():  # container shims and whatever they still run
             _kill(pid)

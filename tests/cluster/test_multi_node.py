@@ -10,6 +10,7 @@ leaves.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -95,6 +96,58 @@ def test_deployment_pods_spread_over_both_nodes_with_pool_addresses(
     assert ["IP Pool", POD_POOL, "65536", "3 (0%)", "65533 (100%)"] in rows
     blocks = cluster.calico("ipam", "show", "--show-blocks").stdout
     assert sum(1 for line in blocks.splitlines() if "| Block" in line) == 2
+
+
+def on_node(web: dict[str, dict], node: str) -> list[dict]:
+    return [pod for pod in web.values() if pod["spec"]["nodeName"] == node]
+
+
+def pod_exec(cluster: Cluster, pod: dict, *argv: str, check: bool = True):
+    """A command in a pod's container, through crictl on the pod's node."""
+    node = cluster.nodes[pod["spec"]["nodeName"]]
+    label = f"io.kubernetes.pod.name={pod['metadata']['name']}"
+    container = node.crictl("ps", "-q", "--label", label).stdout.split()[0]
+    return node.crictl("exec", container, *argv, check=check)
+
+
+def test_pods_reach_each_other_across_nodes(cluster: Cluster, web: dict[str, dict]) -> None:
+    """calico-node's BIRD mesh: each node routes the other's block to it."""
+    here, there = on_node(web, "node1")[0], on_node(web, "node2")[0]
+    for node, other in (("node1", "node2"), ("node2", "node1")):
+        routes = json.loads(cluster.nodes[node].run("ip", "-j", "-4", "route").stdout)
+        other_ip = cluster.nodes[other].address
+        via = {
+            r["dst"] for r in routes if r.get("gateway") == other_ip and r.get("protocol") == "bird"
+        }
+        blocks = {
+            b["spec"]["cidr"]
+            for b in cluster.ipam_objects("ipamblocks").values()
+            if b["spec"]["affinity"] == f"host:{other}"
+        }
+        assert blocks and blocks <= via, (node, routes)
+    for source, target in ((here, there), (there, here)):
+        ping = pod_exec(cluster, source, "ping", "-c", "2", "-W", "5", target["status"]["podIP"])
+        assert ping.returncode == 0, ping.stdout
+
+
+def test_a_service_is_answered_by_a_pod_on_the_other_node(
+    cluster: Cluster, web: dict[str, dict]
+) -> None:
+    """`kubectl expose deployment web --port=80`, then requests from a pod on node1 to the
+    ClusterIP (kube-proxy's DNAT) until a pod on node2 answers."""
+    cluster.kubectl("expose", "deployment", WEB, "--port=80")
+    service_ip = cluster.get("service", WEB)["spec"]["clusterIP"]
+    far = {pod["metadata"]["name"] for pod in on_node(web, "node2")}
+    client = on_node(web, "node1")[0]
+
+    def answered_from_node2() -> bool:
+        # busybox-static's wget crashes in static glibc's resolver; nc speaks HTTP fine.
+        request = f'printf "GET / HTTP/1.0\\r\\n\\r\\n" | nc -w 5 {service_ip} 80'
+        reply = pod_exec(cluster, client, "sh", "-c", request, check=False)
+        lines = reply.stdout.strip().splitlines()
+        return reply.returncode == 0 and bool(lines) and lines[-1] in far
+
+    poll(answered_from_node2, f"an answer from node2 through {service_ip}", 120)
 
 
 def test_a_drained_and_deleted_node_gives_its_block_back(

@@ -10,7 +10,8 @@ patches of pods/status and RBAC denials. So tests get the real thing: an etcd (f
 
 Identities are served from a static token file: `admin` (system:masters), the CNI
 plugin's service account, which holds only the `calico-cni-plugin` ClusterRole,
-calico-kube-controllers' service account with its own role, and any `users` a caller
+calico-kube-controllers' and calico-node's service accounts with their roles, and any
+`users` a caller
 adds (the cluster fixture's kubelets, scheduler, controller manager and kube-proxies).
 """
 
@@ -49,10 +50,12 @@ CALICO_MANIFESTS = [
     *sorted((REPO / "conf" / "crds").glob("*.yaml")),
     REPO / "conf" / "calico-cni-plugin-rbac.yaml",
     REPO / "conf" / "calico-kube-controllers-rbac.yaml",
+    REPO / "conf" / "calico-node-rbac.yaml",
 ]
 BUILD_REQUESTED = os.environ.get("CALICO_BUILD_APISERVER") == "1"
 CNI_USER = "system:serviceaccount:kube-system:calico-cni-plugin"
 KUBE_CONTROLLERS_USER = "system:serviceaccount:kube-system:calico-kube-controllers"
+CALICO_NODE_USER = "system:serviceaccount:kube-system:calico-node"
 SERVICE_ACCOUNT_GROUPS = ("system:serviceaccounts", "system:serviceaccounts:kube-system")
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -263,6 +266,7 @@ def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[Kube
             User("admin", ("system:masters",)),
             User(CNI_USER, SERVICE_ACCOUNT_GROUPS),
             User(KUBE_CONTROLLERS_USER, SERVICE_ACCOUNT_GROUPS),
+            User(CALICO_NODE_USER, SERVICE_ACCOUNT_GROUPS),
             *users,
         ]
         issued = {user.name: secrets.token_hex(16) for user in everyone}
