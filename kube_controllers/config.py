@@ -19,11 +19,11 @@ gone pods are still released.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from libcalico import durations
 from libcalico.datastore.base import AlreadyExists, Datastore, KVPair, NotFound
 from libcalico.model import KubeControllersConfiguration, ObjectMeta, ResourceKey
 
@@ -39,9 +39,6 @@ DEFAULT_SPEC: dict[str, Any] = {
 }
 DEFAULT_RECONCILER_PERIOD = 300.0
 DEFAULT_LEAK_GRACE = 30.0
-# Go's time.ParseDuration units.
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _LEVELS = {"debug": "debug", "info": "info", "warning": "info", "error": "error", "fatal": "error"}
 
 
@@ -50,19 +47,11 @@ class ConfigError(ValueError):
 
 
 def parse_duration(text: str, what: str) -> float:
-    """Seconds in a Go duration string (`90s`, `5m`, `1h30m`, `0`)."""
-    text = text.strip()
-    if text == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    for match in _PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ConfigError(f'{what}: "{text}" is not a duration (e.g. 30s, 5m, 1h)')
-    return total
+    """Seconds in a Go duration string, or a ConfigError naming the setting."""
+    seconds = durations.parse_duration(text)
+    if seconds is None:
+        raise ConfigError(f'{what}: "{text.strip()}" is not a duration (e.g. 30s, 5m, 1h)')
+    return seconds
 
 
 @dataclass

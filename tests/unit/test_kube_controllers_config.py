@@ -16,7 +16,7 @@ def test_go_durations(text: str, seconds: float) -> None:
     assert parse_duration(text, "x") == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "soon", "5", "5 m", "m5", "-1s", "1d"])
+@pytest.mark.parametrize("text", ["", "soon", "5 m", "m5", "-1s", "1d"])
 def test_bad_durations_name_the_setting(text: str) -> None:
     with pytest.raises(ConfigError, match=r"^controllers\.node\.leakGracePeriod: .* is not a"):
         ControllerSettings.from_spec({"controllers": {"node": {"leakGracePeriod": text}}}, {})
