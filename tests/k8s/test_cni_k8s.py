@@ -34,6 +34,7 @@ from tests.k8s.k8s_support import (
     cluster,
     container_id,
     ctl,
+    delete_pods,
     k8s_conf,
     needs_apiserver,
     objects,
@@ -67,7 +68,9 @@ def k8s_nodes(cluster: KubeCluster) -> None:
 
 @pytest.fixture
 def kube(cluster: KubeCluster, k8s_nodes: None, node: Node) -> Iterator[KubeCluster]:
-    """A clean Calico datastore with the default pool, reachable from the node netns."""
+    """A clean Calico datastore with the default pool, reachable from the node netns, and
+    no pods of earlier tests (`ipam check` counts the addresses pods record)."""
+    delete_pods(cluster)
     wipe_calico(cluster)
     add_pool(cluster, "default-ipv4-ippool", POOL, blockSize=26, natOutgoing=True)
     with reachable_from(cluster, node):

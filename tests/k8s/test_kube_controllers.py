@@ -30,6 +30,7 @@ from tests.k8s.k8s_support import (
     cluster,
     cni_store,
     ctl,
+    delete_pods,
     needs_apiserver,
     objects,
     wipe_calico,
@@ -59,12 +60,7 @@ class Controllers:
 @pytest.fixture
 def kube(cluster: KubeCluster) -> Iterator[KubeCluster]:
     """The module's API server with no pods left by earlier tests and no Calico data."""
-    for item in cluster.admin.request("GET", "/api/v1/namespaces")["items"]:
-        name = item["metadata"]["name"]
-        if name.startswith("gc-"):
-            cluster.admin.request(
-                "DELETE", f"/api/v1/namespaces/{name}/pods", {"gracePeriodSeconds": 0}
-            )
+    delete_pods(cluster)
     wipe_calico(cluster)
     delete_config(cluster)
     add_pool(cluster, "gc-pool", POOL, blockSize=26)
