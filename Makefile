@@ -65,11 +65,13 @@ demo: build
 	scripts/install-deps demo
 	scripts/demo
 
-# One run of both benchmarks (bench/README.md); options via CNI_BENCH_ARGS / IPAM_BENCH_ARGS.
+# One run of the benchmarks (bench/README.md); options via CNI_BENCH_ARGS / IPAM_BENCH_ARGS /
+# NODE_BENCH_ARGS.
 bench: build
 	scripts/install-deps test
 	$(VENV)/bin/python bench/cni_bench.py $(CNI_BENCH_ARGS)
 	$(VENV)/bin/python bench/ipam_bench.py $(IPAM_BENCH_ARGS)
+	$(VENV)/bin/python bench/node_bench.py $(NODE_BENCH_ARGS)
 
 clean:
 	rm -rf build dist

@@ -308,6 +308,8 @@ class Agent:
                     os.unlink(self.socket_path)  # from now on, clients work standalone
             self._drain()
         finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path + ".lock")  # still held: no successor has it yet
             os.close(self._lock_fd)
 
     def _accept_until_stopped(self, listener: socket.socket) -> None:

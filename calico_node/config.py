@@ -45,9 +45,14 @@ def parse_as_number(text: str, name: str = "AS") -> int | None:
     raise ConfigError(f"{name}={text!r} is not an AS number (0-4294967295 or A.B)")
 
 
+ENCAP_MODES = {"": "Never", "off": "Never", "never": "Never", "always": "Always",
+               "crosssubnet": "CrossSubnet", "cross-subnet": "CrossSubnet"}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PoolEnv:
-    """The default pool of one family from CALICO_IPV4POOL_* / CALICO_IPV6POOL_*."""
+    """The default pool of one family from CALICO_IPV4POOL_* / CALICO_IPV6POOL_*, checked
+    even when the pool exists already (a typo must not wait for the next cluster)."""
 
     cidr: str  # "" when not set; "none" disables the default pool
     block_size: str
@@ -64,7 +69,7 @@ class PoolEnv:
         def get(name: str) -> str:
             return env.get(prefix + name, "").strip()
 
-        return cls(
+        env_ = cls(
             get("CIDR"),
             get("BLOCK_SIZE"),
             get("IPIP"),
@@ -73,6 +78,22 @@ class PoolEnv:
             get("NODE_SELECTOR"),
             get("DISABLE_BGP_EXPORT"),
         )
+        for name, value in (("IPIP", env_.ipip), ("VXLAN", env_.vxlan)):
+            if value.lower() not in ENCAP_MODES:
+                raise ConfigError(f"{prefix}{name}={value!r} is not Always, CrossSubnet or Never")
+        for name, value in (
+            ("NAT_OUTGOING", env_.nat_outgoing),
+            ("DISABLE_BGP_EXPORT", env_.disable_bgp_export),
+        ):
+            if value and value.lower() not in ("true", "false"):
+                raise ConfigError(f"{prefix}{name}={value!r} is not true or false")
+        if env_.block_size and not env_.block_size.isdigit():
+            raise ConfigError(f"{prefix}BLOCK_SIZE={env_.block_size!r} is not a number")
+        return env_
+
+    def encapsulation(self, name: str) -> str:
+        """Calico's mode for CALICO_IPV*POOL_IPIP / _VXLAN's value."""
+        return ENCAP_MODES[(self.ipip if name == "IPIP" else self.vxlan).lower()]
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,15 @@ class NodeConfig:
                 raise ConfigError(
                     f"CALICO_ROUTER_ID={router_id!r} is neither an IPv4 address nor 'hash'"
                 ) from None
+        for name in ("IP", "IP6"):
+            value = env.get(name, "").strip()
+            if value not in ("", "autodetect", "none"):
+                try:
+                    ipaddress.ip_interface(value)
+                except ValueError:
+                    raise ConfigError(
+                        f"{name}={value!r} is not an address, a CIDR, 'autodetect' or 'none'"
+                    ) from None
         # calico-node's DATASTORE_TYPE defaults to kubernetes; ours to the local file, as
         # the CNI plugin and calicoctl here do.
         try:

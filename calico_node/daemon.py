@@ -1,15 +1,15 @@
 """calico-node, the daemon: one per node, in the foreground, stopped by SIGTERM.
 
 What runs, in order (as real calico-node's runit services do, in one process):
-1. start-up (startup.py): the Node resource, ClusterInformation, the default pools, then
-   the `nodename` file the CNI reads;
-2. the CNI fast-path server (cni_server.py) on `CALICO_RUN_DIR/cni-agent.sock`;
-3. the syncer (syncer.py): the datastore watch kept as a typed Snapshot, handed to the
+1. the health endpoint (health.py) the `-felix-*` probes query (not ready until the end);
+2. start-up (startup.py): the Node resource, ClusterInformation, the default pools, then
+   the `nodename` file the CNI reads; a datastore not reachable yet is waited for;
+3. the CNI fast-path server (cni_server.py) on `CALICO_RUN_DIR/cni-agent.sock`;
+4. the syncer (syncer.py): the datastore watch kept as a typed Snapshot, handed to the
    consumers, each in its own thread:
    - confd (confd/): BIRD's configuration rendered from the snapshot, BIRD (bird.py)
      started once there is one and reloaded when the text changes;
-   - Felix-style dataplane managers (issue 13: VXLAN, routes, NAT, MTU);
-4. the health endpoint (health.py) the `-felix-*` / `-bird-*` probes query.
+   - Felix-style dataplane managers (issue 13: VXLAN, routes, NAT, MTU).
 
 Adding a Felix-style manager: subclass `syncer.Consumer` in its own module under
 `calico_node/` (one per dataplane concern, pyroute2 for netlink), give it a `name`, a
@@ -17,17 +17,17 @@ Adding a Felix-style manager: subclass `syncer.Consumer` in its own module under
 converges its concern to the snapshot (`snapshot.nodes`, `.pools`, `.blocks`,
 `.affinities`, `.felix_configuration("default")` ...; `self.node.name` is this node);
 `stop()` releases what it runs. Build it in `Daemon._consumers`, which passes it the
-NodeContext. It may call `daemon.syncer.runner(name).kick()` (e.g. from a netlink monitor
-thread) to be applied again. Its health counts towards `-felix-ready` automatically.
+NodeContext. It may call `self.request_apply()` (e.g. from a netlink monitor thread) to
+be applied again. Its health counts towards `-felix-ready` automatically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
 from calico_node import instance, startup
@@ -41,9 +41,6 @@ from libcalico.datastore.watch import open_watcher
 log = logging.getLogger("calico-node")
 
 STARTUP_RETRY_S = (0.5, 5.0)
-# The syncer's thread and each consumer's must be alive; the watch must have spoken
-# within this long (it retries a lost datastore every few seconds) to count as live.
-LIVE_WATCH_SILENCE_S = 120.0
 
 
 class DaemonError(Exception):
@@ -57,11 +54,6 @@ class NodeContext:
     name: str
     config: NodeConfig
     paths: NodePaths
-
-
-def running_pid(paths: NodePaths) -> int | None:
-    """The pid of the calico-node serving `paths`, None when none runs."""
-    return instance.locked_pid(paths.daemon_lock)
 
 
 class Daemon:
@@ -128,11 +120,10 @@ class Daemon:
         if syncer is None:
             reasons.append("starting up")
         else:
+            # A datastore outage makes the node not ready, never not live: a restart
+            # would not bring the datastore back.
             if not syncer.alive():
                 reasons.append("the datastore watch or a consumer thread died")
-            if time.monotonic() - syncer.last_update > LIVE_WATCH_SILENCE_S and not syncer.in_sync:
-                live = False
-                reasons.append("no word from the datastore watch")
             if not syncer.in_sync:
                 reasons.append("not in sync with the datastore")
             for runner in syncer.runners:
@@ -162,6 +153,8 @@ class Daemon:
             self._serve(NodeContext(self.nodename, self.config, self.paths))
         finally:
             health.stop()
+            with contextlib.suppress(FileNotFoundError):
+                self.paths.daemon_lock.unlink()  # while still holding it: no race with a successor
             os.close(lock_fd)
         log.info("calico-node stopped")
         return 0

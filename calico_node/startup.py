@@ -43,8 +43,6 @@ T = TypeVar("T")
 RETRIES = 10
 FALLBACK_POOLS = [f"172.{n}.0.0/16" for n in range(16, 32)]
 DEFAULT_V4_POOL = "192.168.0.0/16"
-_ENCAP = {"": "Never", "off": "Never", "never": "Never", "always": "Always",
-          "crosssubnet": "CrossSubnet", "cross-subnet": "CrossSubnet"}  # fmt: skip
 
 
 class StartupError(Exception):
@@ -246,31 +244,15 @@ def default_pool(env: PoolEnv, family: int, interfaces: list[HostInterface]) -> 
                 break
         else:
             raise StartupError("no default IPv4 pool CIDR is free of host addresses")
-    modes = {}
-    for name, value in (("IPIP", env.ipip), ("VXLAN", env.vxlan)):
-        mode = _ENCAP.get(value.lower())
-        if mode is None:
-            raise StartupError(
-                f"CALICO_IPV{family}POOL_{name}={value!r} is not Always, CrossSubnet or Never"
-            )
-        modes[name] = mode
     spec: dict[str, Any] = {
         "cidr": cidr,
-        "ipipMode": modes["IPIP"],
-        "vxlanMode": modes["VXLAN"],
-        "natOutgoing": _bool_env(
-            env.nat_outgoing, family == 4, f"CALICO_IPV{family}POOL_NAT_OUTGOING"
-        ),
-        "disableBGPExport": _bool_env(
-            env.disable_bgp_export, False, f"CALICO_IPV{family}POOL_DISABLE_BGP_EXPORT"
-        ),
+        "ipipMode": env.encapsulation("IPIP"),
+        "vxlanMode": env.encapsulation("VXLAN"),
+        "natOutgoing": (env.nat_outgoing or str(family == 4)).lower() == "true",
+        "disableBGPExport": env.disable_bgp_export.lower() == "true",
         "nodeSelector": env.node_selector or "all()",
     }
     if env.block_size:
-        if not env.block_size.isdigit():
-            raise StartupError(
-                f"CALICO_IPV{family}POOL_BLOCK_SIZE={env.block_size!r} is not a number"
-            )
         spec["blockSize"] = int(env.block_size)
     try:
         pool = IPPool(ObjectMeta(f"default-ipv{family}-ippool"), IPPoolSpec.from_json(spec))
@@ -282,14 +264,6 @@ def default_pool(env: PoolEnv, family: int, interfaces: list[HostInterface]) -> 
     if pool.network.version != family:
         raise StartupError(f"CALICO_IPV{family}POOL_CIDR={cidr!r} is not an IPv{family} CIDR")
     return pool
-
-
-def _bool_env(text: str, default: bool, name: str) -> bool:
-    if not text:
-        return default
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    raise StartupError(f"{name}={text!r} is not true or false")
 
 
 def ensure_default_pools(

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -157,6 +157,10 @@ class Consumer(ABC):
     def stop(self) -> None:  # noqa: B027 (optional hook)
         """The daemon is stopping: release what this consumer runs."""
 
+    def request_apply(self) -> None:  # noqa: B027 (the runner binds it)
+        """Ask to be applied again soon with the latest snapshot (a netlink monitor saw
+        state change behind our back, say); safe from any thread."""
+
 
 class ConsumerRunner:
     """A consumer's thread: it applies the latest snapshot when a newer one arrives, when
@@ -164,6 +168,7 @@ class ConsumerRunner:
 
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
+        consumer.request_apply = self.kick  # type: ignore[method-assign]
         self.applied_generation = -1  # the last generation applied without error
         self.last_error = ""
         self._latest: Snapshot | None = None
@@ -255,14 +260,8 @@ class Syncer:
         self.watcher = watcher
         self.runners = [ConsumerRunner(c) for c in consumers]
         self.snapshot: Snapshot | None = None  # None until the first complete listing
-        self.last_update = 0.0  # monotonic time of the watch's last word (any update)
         self._generation = 0
         self._thread: threading.Thread | None = None
-        self._listeners: list[Callable[[Snapshot], None]] = []
-
-    def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
-        """Called in the watch thread with each new snapshot (keep it quick)."""
-        self._listeners.append(listener)
 
     def start(self) -> None:
         for runner in self.runners:
@@ -288,11 +287,7 @@ class Syncer:
     def in_sync(self) -> bool:
         return self.snapshot is not None and self.snapshot.in_sync
 
-    def runner(self, name: str) -> ConsumerRunner:
-        return next(r for r in self.runners if r.consumer.name == name)
-
     def _on_update(self, update: Update) -> None:
-        self.last_update = time.monotonic()
         self._generation += 1
         match update:
             case Resync(pairs):
@@ -307,8 +302,6 @@ class Syncer:
             case _:
                 return
         self.snapshot = snapshot
-        for listener in self._listeners:
-            listener(snapshot)
         if snapshot.in_sync:
             for runner in self.runners:
                 runner.offer(snapshot)

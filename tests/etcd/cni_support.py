@@ -168,6 +168,7 @@ class LoopbackRelay:
     netns_paths: list[str]
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
+    _servers: list[asyncio.Server] = field(default_factory=list)
 
     def __enter__(self) -> LoopbackRelay:
         listeners = [self._listen(path, port) for path in self.netns_paths for port in self.ports]
@@ -182,6 +183,15 @@ class LoopbackRelay:
         assert self._thread is not None
         self._thread.join()
 
+    def add_netns(self, netns_path: str) -> None:
+        """Relay into one more netns too (a node added while the relay runs)."""
+        for sock in [self._listen(netns_path, port) for port in self.ports]:
+            asyncio.run_coroutine_threadsafe(self._start(sock), self._loop).result()
+
+    async def _start(self, sock: socket.socket) -> None:
+        relay = self._relay_to(sock.getsockname()[1])
+        self._servers.append(await asyncio.start_server(relay, sock=sock))
+
     @staticmethod
     def _listen(netns_path: str, port: int) -> socket.socket:
         fd = open_netns(netns_path)
@@ -195,15 +205,11 @@ class LoopbackRelay:
 
     def _serve(self, listeners: list[socket.socket], ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
-        servers = [
-            self._loop.run_until_complete(
-                asyncio.start_server(self._relay_to(sock.getsockname()[1]), sock=sock)
-            )
-            for sock in listeners
-        ]
+        for sock in listeners:
+            self._loop.run_until_complete(self._start(sock))
         ready.set()
         self._loop.run_forever()
-        for server in servers:
+        for server in self._servers:
             server.close()
         self._loop.close()
 

@@ -184,6 +184,8 @@ class KubeCluster:
         """Write a kubeconfig (mode 0600) for one of the token file's users."""
         _write_kubeconfig(path, self, user.rsplit(":", 1)[-1], self.tokens[user])
         return path
+    # calico-node's service account, with conf/calico-node-rbac.yaml's rights.
+    node_kubeconfig: Path | None = None
 
     def client(self, token: str) -> ApiClient:
         return ApiClient(self.server, token, ssl.create_default_context(cafile=self.ca_path))
@@ -295,6 +297,7 @@ def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[Kube
             pids=[*(m.process.pid for m in etcd.members if m.process), process.pid],
             tokens=issued,
             service_account_key=Path(tls.server_key),
+            node_kubeconfig=directory / "calico-node.kubeconfig",
         )
         log = directory / "kube-apiserver.log"
         _wait_for("kube-apiserver /readyz", process, log, lambda: _ready(cluster.admin))
@@ -308,6 +311,9 @@ def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[Kube
         )
         _write_kubeconfig(cluster.admin_kubeconfig, cluster, "admin", admin_token)
         _write_kubeconfig(cluster.cni_kubeconfig, cluster, "calico", cni_token)
+        _write_kubeconfig(
+            cluster.node_kubeconfig, cluster, "calico-node", issued[CALICO_NODE_USER]
+        )
         yield cluster
 
 

@@ -24,13 +24,13 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from libcalico.datastore.base import Datastore, KVPair
 from libcalico.datastore.config import DatastoreSettings
 from libcalico.model import BlockAffinityListOptions, IPPool, IPPoolSpec, ObjectMeta, ResourceKey
+from tests.etcd.cni_support import LoopbackRelay
 from tests.harness import CNIResult, Netns, bin_dir, pod_args, run_plugin, sh, unique, wait_for
-from tests.node.relay import LoopbackRelay
 
 CONVERGE_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 120.0
@@ -43,6 +43,32 @@ def proc_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def processes_under(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (the cluster's directory)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in argv:
+            found.append(f"{pid}: {argv}")
+    return found
+
+
+class Kubelet(Protocol):
+    """Registers what kubelet and the scheduler would (the Kubernetes datastore)."""
+
+    def register_node(self, name: str) -> None: ...
+
+    def register_pod(self, name: str, node: str) -> None: ...
+
+    def remove_node(self, name: str) -> None: ...
 
 
 @dataclass
@@ -116,8 +142,13 @@ class SimNode:
 
     # -- the daemon
 
-    def start(self, wait: bool = True) -> None:
-        argv = ["nsenter", f"--net={self.netns.path}", str(bin_dir() / "calico-node")]
+    def start(self, wait: bool = True, private_mounts: bool = False) -> None:
+        """Run calico-node in the node's netns (with `private_mounts`, also in a mount
+        namespace of its own, as in a container: later netns mounts stay invisible to it)."""
+        argv = ["nsenter", f"--net={self.netns.path}"]
+        if private_mounts:
+            argv += ["unshare", "--mount", "--propagation", "private"]
+        argv.append(str(bin_dir() / "calico-node"))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env()
@@ -127,6 +158,10 @@ class SimNode:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def exited(self) -> bool:
+        """Whether the daemon process has exited."""
+        return self.proc is not None and self.proc.poll() is not None
 
     def wait_started(self) -> None:
         """Until the daemon registered, serves CNI requests and BIRD answers."""
@@ -200,6 +235,8 @@ class SimNode:
         pod_ns = Netns.create("cnp")
         name = name or unique("pod")
         container_id = unique("ctr")
+        if self.cluster.kubelet is not None:
+            self.cluster.kubelet.register_pod(name, self.name)
         result = self.cni("ADD", pod_ns.path, container_id, name, ipam)
         if result.code != 0:
             pod_ns.delete()
@@ -269,10 +306,15 @@ class Cluster:
         pool_cidr: str = "10.244.0.0/16",
         home: Path | None = None,
         relay_ports: list[int] | None = None,
+        kubelet: Kubelet | None = None,
+        operator_env: dict[str, str] | None = None,
     ) -> None:
         """`relay_ports`: the host-loopback ports of the datastore's servers, which the
-        nodes reach at the same address through a LoopbackRelay."""
-        self.relay = LoopbackRelay(relay_ports) if relay_ports else None
+        nodes reach at the same address through a LoopbackRelay; `kubelet`: what stands
+        in for Kubernetes on the Kubernetes datastore (Nodes and Pods registered)."""
+        self.kubelet = kubelet
+        self.operator_env = operator_env or datastore_env
+        self.relay = LoopbackRelay(relay_ports, []).__enter__() if relay_ports else None
         self.datastore_env = datastore_env
         self.netconf = netconf
         self.subnet = ipaddress.ip_network(subnet)
@@ -331,6 +373,8 @@ class Cluster:
         netns.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         home = self.home / name
         home.mkdir()
+        if self.kubelet is not None:
+            self.kubelet.register_node(name)
         node = SimNode(
             name, netns, ip, self.subnet.prefixlen, home, self, extra_env=dict(extra_env)
         )
@@ -341,7 +385,7 @@ class Cluster:
 
     def store(self) -> Datastore:
         """A client of the cluster's datastore, as an operator's tool would open it."""
-        return DatastoreSettings.resolve({}, self.datastore_env).connect()
+        return DatastoreSettings.resolve({}, self.operator_env).connect()
 
     def add_pool(self, name: str, cidr: str, **spec: object) -> None:
         pool = IPPool(ObjectMeta(name), IPPoolSpec.from_json({"cidr": cidr, **spec}))
@@ -414,6 +458,6 @@ class Cluster:
                 node.destroy()
         finally:
             if self.relay is not None:
-                self.relay.close()
+                self.relay.__exit__(None, None, None)
             self.fabric.delete()
             shutil.rmtree(self.home, ignore_errors=True)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 
 from tests.etcd_fixture import EtcdCluster, start_etcd
-from tests.node.cluster import Cluster
+from tests.k8s.fixture import KubeCluster, apiserver_available, kube_apiserver
+from tests.node.cluster import Cluster, processes_under
 
 ClusterFactory = Callable[..., Cluster]
 
@@ -23,22 +24,6 @@ def _root() -> None:
     for tool in ("bird", "birdc"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
             pytest.fail(f"{tool} is missing: scripts/install-deps test installs bird2")
-
-
-def processes_under(path: Path) -> list[str]:
-    """Command lines of live processes that name `path` (the cluster's directory)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(path) in argv:
-            found.append(f"{pid}: {argv}")
-    return found
 
 
 def assert_left_nothing(cluster: Cluster) -> None:
@@ -77,7 +62,59 @@ def etcd_cluster(etcd: EtcdCluster, **kw: object) -> Cluster:
     return Cluster(env, conf, relay_ports=ports, **kw)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module")
+def module_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    if not apiserver_available():
+        pytest.fail("kube-apiserver not built: scripts/install-deps test builds it")
+    with kube_apiserver(tmp_path_factory.mktemp("kube")) as kube:
+        yield kube
+
+
+@dataclass
+class FakeKubelet:
+    """Nodes as kubelet registers them, pods as the scheduler places them."""
+
+    kube: KubeCluster
+
+    def register_node(self, name: str) -> None:
+        self.kube.create_node(name)
+
+    def register_pod(self, name: str, node: str) -> None:
+        self.kube.create_pod("default", name, node)
+
+    def remove_node(self, name: str) -> None:
+        self.kube.admin.request("DELETE", f"/api/v1/nodes/{name}")
+
+
+def kube_cluster(kube: KubeCluster, **kw: object) -> Cluster:
+    """calico-node with its own identity (conf/calico-node-rbac.yaml), the CNI with its."""
+    env = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(kube.node_kubeconfig)}
+    conf = {
+        "datastore_type": "kubernetes",
+        "kubernetes": {"kubeconfig": str(kube.cni_kubeconfig)},
+        "policy": {"type": "k8s"},
+    }
+    port = int(kube.server.rsplit(":", 1)[1])
+    admin = {"DATASTORE_TYPE": "kubernetes", "KUBECONFIG": str(kube.admin_kubeconfig)}
+    return Cluster(
+        env, conf, relay_ports=[port], kubelet=FakeKubelet(kube), operator_env=admin, **kw
+    )  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def clusters() -> Iterator[ClusterFactory]:
     """make a local-datastore cluster: clusters(); each is destroyed and checked after."""
     yield from _clusters(Cluster.local)
+
+
+@pytest.fixture
+def etcd_clusters(module_etcd: EtcdCluster) -> Iterator[ClusterFactory]:
+    """Clusters on the module's etcd, emptied first; destroyed and checked after."""
+    module_etcd.wipe()
+    yield from _clusters(lambda **kw: etcd_cluster(module_etcd, **kw))
+
+
+@pytest.fixture
+def kube_clusters(module_kube: KubeCluster) -> Iterator[ClusterFactory]:
+    """Clusters on the module's API server; destroyed and checked after."""
+    yield from _clusters(lambda **kw: kube_cluster(module_kube, **kw))

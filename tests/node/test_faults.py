@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from tests.etcd_fixture import EtcdCluster
 from tests.harness import wait_for
 from tests.node.cluster import Cluster, SimNode, proc_alive
-from tests.node.conftest import ClusterFactory, etcd_cluster
+from tests.node.conftest import ClusterFactory
 
 
 @contextmanager
@@ -94,35 +94,35 @@ def test_bird_and_daemon_killed_and_route_deleted(clusters: ClusterFactory) -> N
     )
 
 
-def test_etcd_down_and_back(module_etcd: EtcdCluster) -> None:
-    module_etcd.wipe()
-    cluster = etcd_cluster(module_etcd)
-    try:
-        nodes = three_node_cluster(cluster)
-        routes = {node.name: node.bird_routes() for node in nodes}
-        with no_route_removed(nodes):
-            module_etcd.stop()
-            for node in nodes:
-                cluster.wait(
-                    lambda n=node: "datastore watch lost" in n.log(), f"{node.name} to notice"
-                )
-            not_ready = nodes[0].calico_node("-felix-ready")
-            assert not_ready.returncode == 1
-            assert "not in sync with the datastore" in not_ready.stdout
-            time.sleep(3)  # a while without the datastore
-            assert {n.name: n.bird_routes() for n in nodes} == routes
-            for member in module_etcd.members:
-                member.restart()
-            for node in nodes:
-                cluster.wait(
-                    lambda n=node: n.calico_node("-felix-ready").returncode == 0, "ready again"
-                )
-        # Re-synced: a change made now reaches every node.
-        cluster.add_pool("after", "10.245.0.0/16")
-        nodes[1].add_pod({"type": "calico-ipam", "ipv4_pools": ["after"]})
-        assert "10.245." in str(cluster.affine_blocks())
-        cluster.wait(
-            lambda: not cluster.routing_problems(), f"after recovery: {cluster.routing_problems()}"
-        )
-    finally:
-        cluster.destroy()
+def test_etcd_down_and_back(module_etcd: EtcdCluster, etcd_clusters: ClusterFactory) -> None:
+    cluster = etcd_clusters()
+    nodes = three_node_cluster(cluster)
+    routes = {node.name: node.bird_routes() for node in nodes}
+    with no_route_removed(nodes):
+        module_etcd.stop()
+        for node in nodes:
+            cluster.wait(lambda n=node: "datastore watch lost" in n.log(), f"{node.name} to notice")
+        not_ready = nodes[0].calico_node("-felix-ready")
+        assert not_ready.returncode == 1
+        assert "not in sync with the datastore" in not_ready.stdout
+        # A node starting now waits for the datastore instead of failing.
+        late = cluster.add_node(start=False)
+        late.start(wait=False)
+        cluster.wait(lambda: "datastore not reachable" in late.log(), "the late node to wait")
+        time.sleep(3)  # a while without the datastore
+        assert {n.name: n.bird_routes() for n in nodes} == routes
+        for member in module_etcd.members:
+            member.restart()
+        for node in nodes:
+            cluster.wait(
+                lambda n=node: n.calico_node("-felix-ready").returncode == 0, "ready again"
+            )
+    late.wait_started()
+    cluster.wait(lambda: all(len(cluster.established(n)) == 3 for n in cluster.nodes), "4 nodes")
+    # Re-synced: a change made now reaches every node.
+    cluster.add_pool("after", "10.245.0.0/16")
+    nodes[1].add_pod({"type": "calico-ipam", "ipv4_pools": ["after"]})
+    assert "10.245." in str(cluster.affine_blocks())
+    cluster.wait(
+        lambda: not cluster.routing_problems(), f"after recovery: {cluster.routing_problems()}"
+    )

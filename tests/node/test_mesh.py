@@ -13,12 +13,9 @@ import re
 import subprocess
 from collections.abc import Callable
 
-import pytest
-
 from libcalico.model import ResourceKey
-from tests.etcd_fixture import EtcdCluster
 from tests.node.cluster import Cluster, Pod, SimNode
-from tests.node.conftest import ClusterFactory, etcd_cluster
+from tests.node.conftest import ClusterFactory
 
 MESH_ROW = re.compile(
     r"^\| (\S+) +\| node-to-node mesh \| up +\| \d\d:\d\d:\d\d \| Established \|$"
@@ -97,8 +94,11 @@ def run_mesh(cluster: Cluster) -> None:
     )
 
     # node3 removed from the datastore: withdrawn everywhere.
-    with cluster.store() as store:
-        store.delete(store.get(ResourceKey("Node", nodes[2].name)))
+    if cluster.kubelet is not None:
+        cluster.kubelet.remove_node(nodes[2].name)  # the cluster's Node goes
+    else:
+        with cluster.store() as store:
+            store.delete(store.get(ResourceKey("Node", nodes[2].name)))
     survivors = nodes[:2]
     cluster.wait(
         converged(cluster, survivors), f"node3 withdrawn: {cluster.routing_problems(survivors)}"
@@ -121,14 +121,9 @@ def test_full_mesh_local(clusters: ClusterFactory) -> None:
     run_mesh(clusters())
 
 
-def test_full_mesh_etcd(module_etcd: EtcdCluster) -> None:
-    cluster = etcd_cluster(module_etcd)
-    try:
-        run_mesh(cluster)
-    finally:
-        cluster.destroy()
+def test_full_mesh_etcd(etcd_clusters: ClusterFactory) -> None:
+    run_mesh(etcd_clusters())
 
 
-@pytest.mark.skip(reason="Kubernetes datastore mesh: needs the calicoctl branch's Node codec")
-def test_full_mesh_kubernetes() -> None:
-    raise NotImplementedError
+def test_full_mesh_kubernetes(kube_clusters: ClusterFactory) -> None:
+    run_mesh(kube_clusters())
