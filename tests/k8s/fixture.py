@@ -179,13 +179,13 @@ class KubeCluster:
     pids: list[int] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)  # user name -> token
     service_account_key: Path | None = None  # what signs service-account tokens
+    # calico-node's service account, with conf/calico-node-rbac.yaml's rights.
+    node_kubeconfig: Path | None = None
 
     def kubeconfig(self, user: str, path: Path) -> Path:
         """Write a kubeconfig (mode 0600) for one of the token file's users."""
         _write_kubeconfig(path, self, user.rsplit(":", 1)[-1], self.tokens[user])
         return path
-    # calico-node's service account, with conf/calico-node-rbac.yaml's rights.
-    node_kubeconfig: Path | None = None
 
     def client(self, token: str) -> ApiClient:
         return ApiClient(self.server, token, ssl.create_default_context(cafile=self.ca_path))
@@ -311,9 +311,7 @@ def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[Kube
         )
         _write_kubeconfig(cluster.admin_kubeconfig, cluster, "admin", admin_token)
         _write_kubeconfig(cluster.cni_kubeconfig, cluster, "calico", cni_token)
-        _write_kubeconfig(
-            cluster.node_kubeconfig, cluster, "calico-node", issued[CALICO_NODE_USER]
-        )
+        _write_kubeconfig(cluster.node_kubeconfig, cluster, "calico-node", issued[CALICO_NODE_USER])
         yield cluster
 
 
