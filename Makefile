@@ -37,6 +37,7 @@ build:
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-node
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calicoctl
 	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/kubectl-calico
+	ln -sfn ../$(BUNDLE_NAME)/calico $(DIST)/bin/calico-kube-controllers
 
 install:
 	test -x $(DIST)/$(BUNDLE_NAME)/calico || { echo "run 'make build' first" >&2; exit 1; }
@@ -50,6 +51,7 @@ install:
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-node
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calicoctl
 	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/kubectl-calico
+	ln -sfn $(BUNDLE_NAME)/calico $(DESTDIR)$(BINDIR)/calico-kube-controllers
 
 test: build
 	scripts/install-deps test

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from calico_node.paths import NodePaths
 from libcalico.datastore.config import DatastoreSettings
+from libcalico.durations import parse_duration as parse_duration  # re-exported
 
 BACKENDS = ("bird", "vxlan", "none")
 _TRUE = ("true", "1", "yes", "on")
@@ -42,20 +43,6 @@ def parse_as_number(text: str, name: str = "AS") -> int | None:
         ):
             return value
     raise ConfigError(f"{name}={text!r} is not an AS number (0-4294967295 or A.B)")
-
-
-_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def parse_duration(text: str) -> float | None:
-    """A Go duration (`30s`, `1m30s`, `1h`, `500ms`) or plain seconds; None if neither."""
-    text = text.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 ENCAP_MODES = {"": "Never", "off": "Never", "never": "Never", "always": "Always",

@@ -2,7 +2,8 @@
 
 As real Calico's binary does: invoked as `calico-ipam` it is the IPAM plugin; as
 `calico-node` the node daemon (or its probes); as `calicoctl` or `kubectl-calico` the
-operator's CLI; otherwise the `calico` plugin, which without CNI_COMMAND is the same CLI
+operator's CLI; as `calico-kube-controllers` the cluster's controllers (IPAM garbage
+collection); otherwise the `calico` plugin, which without CNI_COMMAND is the same CLI
 (`calico agent` runs the CNI server alone). The
 executables are symlinks to the bundle's executable, whose argv[0] keeps the link's name.
 
@@ -18,6 +19,7 @@ from cni_plugin import agent_client
 from cni_plugin.agent_client import IPAM_ROLE, PLUGIN_ROLE
 
 CLI_NAMES = ("calicoctl", "kubectl-calico")
+KUBE_CONTROLLERS_NAME = "calico-kube-controllers"
 NODE_NAME = "calico-node"
 
 
@@ -84,6 +86,10 @@ def run_command_line(name: str, argv: list[str]) -> int:
 
 def main() -> None:
     name = agent_client.exec_name()
+    if name == KUBE_CONTROLLERS_NAME:
+        from kube_controllers.main import main as controllers_main
+
+        sys.exit(controllers_main(sys.argv[1:]))
     command = posix.environ.get(b"CNI_COMMAND")
     if name in (*CLI_NAMES, NODE_NAME) or (name != IPAM_ROLE and not command):
         sys.exit(run_command_line(name, sys.argv[1:]))

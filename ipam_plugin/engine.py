@@ -886,6 +886,12 @@ class IPAM:
             self.hints.forget(host, cidr)
         return released
 
+    def release_host_affinities(self, host: str) -> list[IPNetwork]:
+        """Give up every empty block affine to `host` (a node that left the cluster);
+        blocks still holding addresses keep their affinity. Returns the CIDRs given up."""
+        cidrs = [kvp.key.cidr for kvp in self.store.list(BlockAffinityListOptions(host))]
+        return [cidr for cidr in cidrs if self._release_affinity(host, cidr)]
+
     def _assign_from_block(
         self,
         kvp: KVPair,

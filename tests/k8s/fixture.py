@@ -8,8 +8,11 @@ patches of pods/status and RBAC denials. So tests get the real thing: an etcd (f
     with kube_apiserver(tmp_dir) as cluster:
         cluster.cni.request("GET", "/apis/crd.projectcalico.org/v1/ipamblocks")
 
-Two identities are served from a static token file: `admin` (system:masters) and the CNI
-plugin's service account, which holds only the `calico-cni-plugin` ClusterRole.
+Identities are served from a static token file: `admin` (system:masters), the CNI
+plugin's service account, which holds only the `calico-cni-plugin` ClusterRole,
+calico-kube-controllers' and calico-node's service accounts with their roles, and any
+`users` a caller
+adds (the cluster fixture's kubelets, scheduler, controller manager and kube-proxies).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +45,18 @@ from tests.etcd_fixture import (
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).with_name("apiserver.sh")
+KUBE_BUILD = Path(__file__).with_name("kube-build.sh")
 CALICO_MANIFESTS = [
     *sorted((REPO / "conf" / "crds").glob("*.yaml")),
     REPO / "conf" / "calico-cni-plugin-rbac.yaml",
+    REPO / "conf" / "calico-kube-controllers-rbac.yaml",
     REPO / "conf" / "calico-node-rbac.yaml",
 ]
 BUILD_REQUESTED = os.environ.get("CALICO_BUILD_APISERVER") == "1"
 CNI_USER = "system:serviceaccount:kube-system:calico-cni-plugin"
-NODE_USER = "system:serviceaccount:kube-system:calico-node"
+KUBE_CONTROLLERS_USER = "system:serviceaccount:kube-system:calico-kube-controllers"
+CALICO_NODE_USER = "system:serviceaccount:kube-system:calico-node"
+SERVICE_ACCOUNT_GROUPS = ("system:serviceaccounts", "system:serviceaccounts:kube-system")
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
 REQUEST_TIMEOUT = 30.0
@@ -81,6 +88,23 @@ def ensure_apiserver() -> Path:
     """The cached binary, building it first (minutes, once per version) when missing."""
     out = subprocess.run([BUILD_SCRIPT, "build"], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class User:
+    """An identity the token file serves: its user name and groups."""
+
+    name: str
+    groups: tuple[str, ...] = ()
+
+
+def kube_binaries(*commands: str) -> dict[str, Path]:
+    """Cached Kubernetes commands (kubectl, kubelet, crictl, ...), building the missing
+    ones first (minutes, once per version)."""
+    out = subprocess.run(
+        [KUBE_BUILD, "build", *commands], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return dict(zip(commands, (Path(line) for line in out.stdout.split()), strict=True))
 
 
 class ApiError(Exception):
@@ -153,8 +177,15 @@ class KubeCluster:
     admin_token: str
     cni_token: str
     pids: list[int] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)  # user name -> token
+    service_account_key: Path | None = None  # what signs service-account tokens
     # calico-node's service account, with conf/calico-node-rbac.yaml's rights.
     node_kubeconfig: Path | None = None
+
+    def kubeconfig(self, user: str, path: Path) -> Path:
+        """Write a kubeconfig (mode 0600) for one of the token file's users."""
+        _write_kubeconfig(path, self, user.rsplit(":", 1)[-1], self.tokens[user])
+        return path
 
     def client(self, token: str) -> ApiClient:
         return ApiClient(self.server, token, ssl.create_default_context(cafile=self.ca_path))
@@ -222,7 +253,7 @@ class KubeCluster:
 
 
 @contextmanager
-def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
+def kube_apiserver(directory: Path, users: Sequence[User] = ()) -> Iterator[KubeCluster]:
     """Start etcd and kube-apiserver under `directory`, apply Calico's manifests, yield.
 
     Everything started here is stopped by its PID on exit, also when start-up fails.
@@ -233,16 +264,23 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
         etcd = start_etcd(directory / "etcd")
         stack.callback(etcd.stop)
         tls = make_tls_files(directory / "pki")
-        admin_token, cni_token = secrets.token_hex(16), secrets.token_hex(16)
-        node_token = secrets.token_hex(16)
+        everyone = [
+            User("admin", ("system:masters",)),
+            User(CNI_USER, SERVICE_ACCOUNT_GROUPS),
+            User(KUBE_CONTROLLERS_USER, SERVICE_ACCOUNT_GROUPS),
+            User(CALICO_NODE_USER, SERVICE_ACCOUNT_GROUPS),
+            *users,
+        ]
+        issued = {user.name: secrets.token_hex(16) for user in everyone}
         tokens = directory / "tokens.csv"
         tokens.write_text(
-            f'{admin_token},admin,admin,"system:masters"\n'
-            f"{cni_token},{CNI_USER},calico-cni-plugin,"
-            '"system:serviceaccounts,system:serviceaccounts:kube-system"\n'
-            f"{node_token},{NODE_USER},calico-node,"
-            '"system:serviceaccounts,system:serviceaccounts:kube-system"\n'
+            "".join(
+                f'{issued[user.name]},{user.name},{user.name},"{",".join(user.groups)}"\n'
+                for user in everyone
+            )
         )
+        tokens.chmod(0o600)
+        admin_token, cni_token = issued["admin"], issued[CNI_USER]
         port = free_port()
         process = _spawn_apiserver(
             binary, directory, port, etcd, tls.server_cert, tls.server_key, tokens
@@ -257,6 +295,8 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
             admin_token=admin_token,
             cni_token=cni_token,
             pids=[*(m.process.pid for m in etcd.members if m.process), process.pid],
+            tokens=issued,
+            service_account_key=Path(tls.server_key),
             node_kubeconfig=directory / "calico-node.kubeconfig",
         )
         log = directory / "kube-apiserver.log"
@@ -271,7 +311,7 @@ def kube_apiserver(directory: Path) -> Iterator[KubeCluster]:
         )
         _write_kubeconfig(cluster.admin_kubeconfig, cluster, "admin", admin_token)
         _write_kubeconfig(cluster.cni_kubeconfig, cluster, "calico", cni_token)
-        _write_kubeconfig(cluster.node_kubeconfig, cluster, "calico-node", node_token)
+        _write_kubeconfig(cluster.node_kubeconfig, cluster, "calico-node", issued[CALICO_NODE_USER])
         yield cluster
 
 

@@ -43,6 +43,15 @@ def wipe_calico(cluster: KubeCluster) -> None:
         cluster.admin.request("DELETE", f"{CRD_V1}/{plural}")
 
 
+def delete_pods(cluster: KubeCluster) -> None:
+    """Delete every pod at once (no kubelet runs here to wait for)."""
+    for item in cluster.admin.request("GET", "/api/v1/namespaces")["items"]:
+        name = item["metadata"]["name"]
+        cluster.admin.request(
+            "DELETE", f"/api/v1/namespaces/{name}/pods", {"gracePeriodSeconds": 0}
+        )
+
+
 def cni_store(cluster: KubeCluster) -> KubernetesDatastore:
     """The datastore as the CNI plugin opens it: the CNI identity's kubeconfig."""
     return KubernetesDatastore(KubeClient(KubeAccess.from_kubeconfig(str(cluster.cni_kubeconfig))))

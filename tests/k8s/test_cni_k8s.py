@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.harness import ALL_VERSIONS, REPO, CNIResult, Netns, Node, pod_args, result_ips, unique
-from tests.k8s.fixture import KubeCluster
+from tests.k8s.fixture import KubeCluster, kube_binaries
 from tests.k8s.k8s_support import (
     CONTAINER_ID,
     NETWORK,
@@ -35,6 +34,7 @@ from tests.k8s.k8s_support import (
     cluster,
     container_id,
     ctl,
+    delete_pods,
     k8s_conf,
     needs_apiserver,
     objects,
@@ -68,7 +68,9 @@ def k8s_nodes(cluster: KubeCluster) -> None:
 
 @pytest.fixture
 def kube(cluster: KubeCluster, k8s_nodes: None, node: Node) -> Iterator[KubeCluster]:
-    """A clean Calico datastore with the default pool, reachable from the node netns."""
+    """A clean Calico datastore with the default pool, reachable from the node netns, and
+    no pods of earlier tests (`ipam check` counts the addresses pods record)."""
+    delete_pods(cluster)
     wipe_calico(cluster)
     add_pool(cluster, "default-ipv4-ippool", POOL, blockSize=26, natOutgoing=True)
     with reachable_from(cluster, node):
@@ -538,9 +540,7 @@ def test_admin_commands_work_on_the_kubernetes_datastore(
 
 def test_kubectl_lists_pools_applied_with_calico_ctl(kube: KubeCluster, tmp_path: Path) -> None:
     """The CRDs are what kubectl sees: a pool applied with `calico ctl` is a real IPPool."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:  # Debian's kubernetes-client (1.20) is too old for this server
-        pytest.skip("no kubectl on this machine")
+    kubectl = str(kube_binaries("kubectl")["kubectl"])  # built at the API server's version
     pool = tmp_path / "pool.yaml"
     pool.write_text(
         (REPO / "conf" / "ippool-default.yaml")

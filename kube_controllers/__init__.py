@@ -1,0 +1,1 @@
+"""calico-kube-controllers: the cluster-wide controllers (IPAM garbage collection)."""
