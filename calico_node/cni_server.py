@@ -1,5 +1,5 @@
-"""The node's CNI fast-path server (`calico agent`): it keeps the heavy imports warm and
-serves the CNI executables' requests.
+"""The node's CNI fast-path server (in calico-node, or alone as `calico agent`): it keeps
+the heavy imports warm and serves the CNI executables' requests.
 
 A one-shot plugin spends ~100 ms importing the standard library and its own modules before
 doing anything (bench/README.md); the agent pays that once and serves each executable's
@@ -7,8 +7,10 @@ request over a root-only Unix socket, one thread per connection (wire format in
 agent_client). A request runs the very code a one-shot plugin runs (`roles.execute` with
 the request's environment and stdin); its log records go back to the caller's stderr. IPAM
 type `calico-ipam` runs in-process, as in a one-shot plugin. Datastore clients stay open
-between requests (datastore/kept.py); the data is not cached: pools, blocks and node labels
-are read from the datastore every time, so they are never stale.
+between requests (datastore/kept.py). The server caches no data of its own: each request
+reads pools and node labels, and the blocks it uses, from the datastore; the IPAM block
+hints it shares with one-shot plugins (a file beside the IPAM lock) only choose which
+block to read first, never an address.
 
 Node-wide IPAM serialisation is the same flock as in one-shot plugins: each request opens
 the lock file itself, and flocks on separate open file descriptions exclude each other

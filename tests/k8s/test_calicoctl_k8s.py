@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from tests.calicoctl_support import (
     rows,
     same_as_real,
 )
-from tests.k8s.fixture import STRATEGIC_MERGE_PATCH, ApiError, KubeCluster
+from tests.k8s.fixture import STRATEGIC_MERGE_PATCH, ApiError, KubeCluster, kube_binaries
 from tests.k8s.k8s_support import CRD_V1, cluster, cni_store, needs_apiserver
 
 __all__ = ["cluster"]
@@ -82,9 +81,8 @@ def ctl(kube: KubeCluster) -> Calicoctl:
 
 
 def kubectl(kube: KubeCluster, *argv: str) -> str:
-    """kubectl as the cluster's admin; a missing kubectl fails the test (never a skip)."""
-    binary = shutil.which("kubectl")
-    assert binary, "kubectl is needed to check the Kubernetes datastore as an operator does"
+    """kubectl, built at the API server's version, as the cluster's admin."""
+    binary = str(kube_binaries("kubectl")["kubectl"])
     result = subprocess.run(
         [binary, "--kubeconfig", str(kube.admin_kubeconfig), *argv],
         capture_output=True,

@@ -91,7 +91,9 @@ def test_nat_outgoing_and_repair(clusters: ClusterFactory) -> None:
     dst = block.split()[0]
     sh("ip", "-n", n1.netns.name, "route", "del", dst)
     cluster.wait(lambda: block in kernel.routes(n1.netns), f"the route {block} to come back")
-    assert f"restored route {block} (was missing)" in n1.log()
+    # The fix is logged just after it is made: wait for the line too.
+    restored = f"restored route {block} (was missing)"
+    cluster.wait(lambda: restored in n1.log(), "the repair to be logged")
     ((mac, underlay),) = kernel.fdb(n1.netns).items()
     sh("bridge", "-n", n1.netns.name, "fdb", "del", mac, "dev", "vxlan.calico", "dst", underlay)
     cluster.wait(lambda: kernel.fdb(n1.netns) == {mac: underlay}, "the FDB entry to come back")
@@ -100,11 +102,11 @@ def test_nat_outgoing_and_repair(clusters: ClusterFactory) -> None:
     cluster.wait(lambda: kernel.neighbours(n1.netns) == {peer: lladdr}, "the neighbour entry")
     sh("ip", "-n", n1.netns.name, "link", "del", "vxlan.calico")
     cluster.wait(lambda: block in kernel.routes(n1.netns), "the device and its routes")
-    assert n1.log().count("created vxlan.calico") == 2
+    cluster.wait(lambda: n1.log().count("created vxlan.calico") == 2, "the re-creation logged")
     cluster.wait(lambda: all_reach(pods), "pods to reach each other again")
     n1.netns.exec("iptables", "-t", "nat", "-F", "cali-nat-outgoing")
     cluster.wait(lambda: len(outgoing_rules(n1)) == 1, "the natOutgoing rule to come back")
-    assert "nat chain cali-nat-outgoing rewritten" in n1.log()
+    cluster.wait(lambda: "nat chain cali-nat-outgoing rewritten" in n1.log(), "the rewrite logged")
 
     # natOutgoing off: the rule goes, and the far end sees the pod itself.
     set_nat(cluster, False)

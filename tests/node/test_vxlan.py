@@ -110,3 +110,4 @@ def test_vxlan_always_three_nodes(clusters: ClusterFactory) -> None:
     assert not [r for r in kernel.nat_rules(ns) if "cali" in r]
     assert not [s for s in kernel.ipsets(ns) if s.startswith("cali")]
     assert not (nodes[0].lib_dir / "mtu").exists()
+    assert not (nodes[0].lib_dir / "nodename").exists()
