@@ -27,7 +27,7 @@ from libcalico.model import IPAddress, IPPool, Node, ResourceKey
 from libcalico.selector import SelectorError, selector_matches
 
 if TYPE_CHECKING:
-    from calico_node.daemon import NodeContext
+    from calico_node.context import NodeContext
 
 log = logging.getLogger("allocateip")
 RETRIES = 10

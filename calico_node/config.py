@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from calico_node.paths import NodePaths
 from libcalico.datastore.config import DatastoreSettings
-from libcalico.durations import parse_duration as parse_duration  # re-exported
 
 BACKENDS = ("bird", "vxlan", "none")
 _TRUE = ("true", "1", "yes", "on")
@@ -146,9 +145,6 @@ class NodeConfig:
             datastore = DatastoreSettings.resolve({}, env)
         except Exception as err:
             raise ConfigError(str(err)) from err
-        from calico_node.felix.config import FelixConfig
-
-        FelixConfig.resolve(env, {}, {})  # a bad FELIX_* stops the start, naming it
         return cls(
             nodename_env=env.get("NODENAME", "").strip(),
             ip=env.get("IP", "").strip(),

@@ -30,15 +30,13 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
 
 from calico_node import instance, startup
 from calico_node.config import NodeConfig
+from calico_node.context import NodeContext
 from calico_node.health import HealthServer, Status
-from calico_node.paths import NodePaths
 from calico_node.syncer import SELECTIONS, Consumer, Syncer
 from libcalico.datastore.base import DatastoreError, DatastoreUnavailable
-from libcalico.datastore.watch import open_watcher
 
 log = logging.getLogger("calico-node")
 
@@ -47,15 +45,6 @@ STARTUP_RETRY_S = (0.5, 5.0)
 
 class DaemonError(Exception):
     """calico-node cannot run; one line, exit 1."""
-
-
-@dataclass(frozen=True)
-class NodeContext:
-    """What every consumer knows of its own node after start-up."""
-
-    name: str
-    config: NodeConfig
-    paths: NodePaths
 
 
 class Daemon:
@@ -178,7 +167,7 @@ class Daemon:
             raise DaemonError(str(err)) from err
         serving = threading.Thread(target=agent.serve, name="cni-server", daemon=True)
         serving.start()
-        watcher = open_watcher(self.config.datastore, SELECTIONS)
+        watcher = self.config.datastore.watch(SELECTIONS)
         self.syncer = Syncer(watcher, self._consumers(node))
         try:
             self.syncer.start()

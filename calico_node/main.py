@@ -28,7 +28,7 @@ class UsageError(Exception):
 
 
 def _duration(text: str) -> float:
-    from calico_node.config import parse_duration
+    from libcalico.durations import parse_duration
 
     value = parse_duration(text)
     if value is None:
@@ -78,9 +78,11 @@ def main(argv: list[str]) -> int:
         print(VERSION)
         return 0
     from calico_node.config import ConfigError, NodeConfig
+    from calico_node.felix.config import FelixConfig
 
     try:
         config = NodeConfig.from_env()
+        FelixConfig.resolve(config.environ, {}, {})  # a bad FELIX_* stops the start, naming it
     except ConfigError as err:
         print(f"calico-node: {err}", file=sys.stderr)
         return 1

@@ -278,7 +278,7 @@ class PodAdd:
         Kubernetes datastore, where ClusterInformation gates ADD and the Pod is recorded."""
         assert conf.ipam is not None
         if kdd:
-            from cni_plugin.workload import require_ready
+            from cni_plugin.datastore import require_ready
             from libcalico.datastore.kubernetes import KubernetesDatastore
 
             require_ready(KubernetesDatastore(client))

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cni_plugin import ipam_exec, workload
-from cni_plugin.datastore import settings_for, translate_errors
+from cni_plugin.datastore import require_ready, settings_for, translate_errors
 from cni_plugin.netconf import NetConf, load_with_logging, pod_cidr_version, subnet_holders
 from cni_plugin.skel import Request
 from cni_plugin.types import (
@@ -124,7 +124,7 @@ def cmd_add(req: Request) -> Result:
             if opened is not None:
                 cleanup.callback(opened.close)
         if store is not None:
-            workload.require_ready(store)
+            require_ready(store)
         pod_add = None
         if kube is not None:
             from cni_plugin import k8s

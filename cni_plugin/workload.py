@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cni_plugin.types import ERR_TRY_AGAIN_LATER, CNIError, IPInterface
+from cni_plugin.types import IPInterface
 from libcalico.datastore.base import AlreadyExists, Datastore, KVPair, NotFound
 from libcalico.model import (
-    ClusterInformation,
     ObjectMeta,
     Profile,
     ResourceKey,
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
     from cni_plugin.k8s import Pod
 
 log = logging.getLogger("cni-plugin")
-
-NOT_READY = "Calico is currently not ready to process requests"
 
 
 @dataclass
@@ -64,16 +61,6 @@ class WorkloadID:
 def _fields(wid: WorkloadID, **extra: str) -> dict[str, dict[str, str]]:
     """The `extra` of a log record about this endpoint, in Calico's k=v field style."""
     return {"fields": {"WorkloadEndpoint": wid.name, **extra}}
-
-
-def require_ready(store: Datastore) -> None:
-    """ClusterInformation `datastoreReady: false` (an upgrade in progress) refuses ADD."""
-    try:
-        info: ClusterInformation = store.get(ResourceKey("ClusterInformation", "default")).value
-    except NotFound:
-        return  # no calico/node writes it here; absent means nobody marked it not ready
-    if info.spec.get("datastoreReady") is False:
-        raise CNIError(ERR_TRY_AGAIN_LATER, NOT_READY)
 
 
 def write_endpoint(

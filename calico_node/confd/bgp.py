@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from calico_node.config import parse_duration
 from calico_node.syncer import Snapshot
+from libcalico.durations import parse_duration
 from libcalico.model import IPPool, Node
 from libcalico.selector import SelectorError, selector_matches
 

@@ -13,7 +13,7 @@ from calico_node.confd.render import ConfigWriter, render
 from calico_node.syncer import Consumer, Snapshot
 
 if TYPE_CHECKING:
-    from calico_node.daemon import NodeContext
+    from calico_node.context import NodeContext
 
 log = logging.getLogger("confd")
 

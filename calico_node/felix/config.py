@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from calico_node.config import ConfigError, parse_duration
+from calico_node.config import ConfigError
+from libcalico.durations import parse_duration
 
 log = logging.getLogger("felix")
 

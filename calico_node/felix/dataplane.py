@@ -43,7 +43,7 @@ from calico_node.syncer import Consumer, NotReady, Snapshot
 from libcalico.model import IPNetwork
 
 if TYPE_CHECKING:
-    from calico_node.daemon import NodeContext
+    from calico_node.context import NodeContext
 
 log = logging.getLogger("felix")
 

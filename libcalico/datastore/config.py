@@ -8,7 +8,7 @@ nothing configured here means the embedded `local` SQLite datastore.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,8 @@ from libcalico.datastore.base import Datastore, InvalidDatastoreConfig
 
 if TYPE_CHECKING:
     from libcalico.datastore.kept import KeptClients
+    from libcalico.datastore.watch import Watcher
+    from libcalico.model import ListOptions
 
 DEFAULT_LOCAL_PATH = "/var/lib/calico/calico.db"
 DEFAULT_ETCD = "http://127.0.0.1:2379"  # libcalico-go's default when no endpoint is set
@@ -73,6 +75,20 @@ class DatastoreSettings:
         if _kept is None or identity is None:
             return self.connect()
         return _kept.borrow(identity, self.connect)
+
+    def watch(self, selections: Sequence[ListOptions]) -> Watcher:
+        """A watcher of the `selections` in this datastore (libcalico/datastore/watch.py)."""
+        if self.type == "local":
+            from libcalico.datastore.local_watch import LocalWatcher
+
+            return LocalWatcher(self.local_path, selections)
+        if self.type == "etcdv3":
+            from libcalico.datastore.etcd_watch import EtcdWatcher
+
+            return EtcdWatcher(self, selections)
+        from libcalico.datastore.kubernetes_watch import KubernetesWatcher
+
+        return KubernetesWatcher(self, selections)
 
     def _identity(self) -> tuple[Any, ...] | None:
         """What a kept client must match (kept.py); None: never keep this one."""

@@ -123,18 +123,3 @@ class Watcher(ABC):
                     delay = min(delay * 2, BACKOFF_MAX_S)
         finally:
             self.close()
-
-
-def open_watcher(settings: Any, selections: Sequence[ListOptions]) -> Watcher:
-    """The watcher for the datastore `settings` (a DatastoreSettings) names."""
-    if settings.type == "local":
-        from libcalico.datastore.local_watch import LocalWatcher
-
-        return LocalWatcher(settings.local_path, selections)
-    if settings.type == "etcdv3":
-        from libcalico.datastore.etcd_watch import EtcdWatcher
-
-        return EtcdWatcher(settings, selections)
-    from libcalico.datastore.kubernetes_watch import KubernetesWatcher
-
-    return KubernetesWatcher(settings, selections)

@@ -327,6 +327,8 @@ class Cluster:
                 f"--service-account-private-key-file={kube.service_account_key}",
                 f"--root-ca-file={kube.ca_path}",
                 "--node-monitor-grace-period=20s",
+                # Its default, /usr/libexec/kubernetes/..., is created on the host it runs on.
+                f"--flex-volume-plugin-dir={self.directory / 'flex-volume'}",
                 "--v=1",
             ],
         )

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from calico_node.config import NodeConfig
-from calico_node.daemon import NodeContext
+from calico_node.context import NodeContext
 from calico_node.syncer import SELECTIONS, Snapshot
 from libcalico.datastore.base import Datastore
 from libcalico.model import (

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cni_plugin.datastore import require_ready
 from cni_plugin.types import CNIError
-from cni_plugin.workload import WorkloadID, require_ready, write_endpoint
+from cni_plugin.workload import WorkloadID, write_endpoint
 from ipam_plugin.engine import IPAM, AutoAssignRequest
 from libcalico.datastore.base import KVPair
 from libcalico.datastore.local import LocalDatastore
@@ -381,7 +382,7 @@ def cluster_info_yaml(name: str = "default", **spec: object) -> str:
 
 
 def datastore_ready(store: LocalDatastore) -> object:
-    """What the calico plugin's ADD reads (cni_plugin/workload.py `require_ready`)."""
+    """What the calico plugin's ADD reads (cni_plugin/datastore.py `require_ready`)."""
     info = store.get(ResourceKey("ClusterInformation", "default")).value
     assert isinstance(info, ClusterInformation)
     return info.spec.get("datastoreReady")
