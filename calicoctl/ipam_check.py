@@ -92,15 +92,9 @@ def _in_use(store: Datastore) -> tuple[dict[str, list[str]], int, int]:
     node_ips = workload_ips = 0
     for kvp in store.list(ResourceListOptions("Node")):
         node = kvp.value
-        spec = node.spec
-        for text in (
-            spec.get("ipv4VXLANTunnelAddr"),
-            (spec.get("wireguard") or {}).get("interfaceIPv4Address"),
-            (spec.get("bgp") or {}).get("ipv4IPIPTunnelAddr"),
-        ):
-            if text:
-                users[_address(text)].append(f"Node({node.metadata.name})")
-                node_ips += 1
+        for address in node.tunnel_addresses():
+            users[address].append(f"Node({node.metadata.name})")
+            node_ips += 1
     for kvp in store.list(ResourceListOptions("WorkloadEndpoint")):
         endpoint = kvp.value
         owner = f"Workload({endpoint.metadata.namespace}/{endpoint.metadata.name})"

@@ -37,6 +37,7 @@ from libcalico.model import (
     IPAMConfigKey,
     IPPool,
     Key,
+    Node,
     ObjectMeta,
     Profile,
     ResourceKey,
@@ -337,7 +338,8 @@ class ResourceClient:
         """Delete one resource. An IP pool with addresses in use is kept unless `force`:
         Calico would delete it and strand those addresses outside any pool.
         ClusterInformation is never deleted (calicoctl refuses too): calico/node owns it,
-        and an operator changes `datastoreReady` with apply instead."""
+        and an operator changes `datastoreReady` with apply instead. A Node takes its
+        endpoints, addresses and affinities with it (node_removal.py)."""
         if kind.name == "ClusterInformation":
             raise CommandError(
                 f"operation delete is not supported on {kind.name}; "
@@ -356,6 +358,14 @@ class ResourceClient:
                     "workloads (or `calicoctl ipam release` them) first, or pass --force to "
                     "delete the pool and leave them allocated"
                 )
+        if kind.name == "Node":
+            from calicoctl.node_removal import remove_node_data
+            from libcalico.datastore.kubernetes import KubernetesDatastore
+
+            node = existing.resource
+            assert isinstance(node, Node)
+            if not isinstance(self.store, KubernetesDatastore):  # there it refuses, below
+                remove_node_data(self.store, node)
         try:
             self.store.delete(KVPair(_key_for(kind, name, namespace), None, existing.revision))
         except (Conflict, NotFound) as err:

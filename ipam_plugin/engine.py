@@ -855,9 +855,10 @@ class IPAM:
         with contextlib.suppress(NotFound):
             self.store.delete(kvp)
 
-    def _release_affinity(self, host: str, cidr: IPNetwork) -> bool:
-        """Give up `host`'s affinity for an empty block (pendingDeletion, delete the block
-        under CAS, delete the affinity). False if the block is in use."""
+    def _release_affinity(self, host: str, cidr: IPNetwork, must_be_empty: bool = True) -> bool:
+        """Give up `host`'s affinity for a block: an empty one is deleted (pendingDeletion,
+        delete the block under CAS, delete the affinity). One in use is kept (False), or,
+        unless `must_be_empty`, kept without affinity until its last address goes."""
 
         def attempt() -> bool:
             try:
@@ -871,7 +872,12 @@ class IPAM:
                 return True
             if block.value.affinity == host_affinity(host):
                 if not block.value.is_empty():
-                    return False
+                    if must_be_empty:
+                        return False
+                    block.value.affinity = None
+                    self.store.update(block)
+                    self._delete_if_present(affinity)
+                    return True
                 affinity = self._set_affinity_state(affinity, STATE_PENDING_DELETION)
                 try:
                     self.store.delete(block)
@@ -886,11 +892,13 @@ class IPAM:
             self.hints.forget(host, cidr)
         return released
 
-    def release_host_affinities(self, host: str) -> list[IPNetwork]:
-        """Give up every empty block affine to `host` (a node that left the cluster);
-        blocks still holding addresses keep their affinity. Returns the CIDRs given up."""
+    def release_host_affinities(self, host: str, must_be_empty: bool = True) -> list[IPNetwork]:
+        """Give up the blocks affine to `host`, a node that left the cluster; returns their
+        CIDRs. Empty blocks go back to their pools. Blocks still holding addresses keep their
+        affinity, or with `must_be_empty` False (the Node is being deleted) lose it and stay
+        until their last address is released, as Calico's RemoveIPAMHost leaves them."""
         cidrs = [kvp.key.cidr for kvp in self.store.list(BlockAffinityListOptions(host))]
-        return [cidr for cidr in cidrs if self._release_affinity(host, cidr)]
+        return [cidr for cidr in cidrs if self._release_affinity(host, cidr, must_be_empty)]
 
     def _assign_from_block(
         self,

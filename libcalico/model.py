@@ -793,6 +793,18 @@ class Node(SpecResource):
         doc.setdefault("status", {})
         return doc
 
+    def tunnel_addresses(self) -> list[str]:
+        """The addresses IPAM gave this node's own devices (IPIP, VXLAN, WireGuard)."""
+        spec = self.spec
+        found = (
+            (spec.get("bgp") or {}).get("ipv4IPIPTunnelAddr"),
+            spec.get("ipv4VXLANTunnelAddr"),
+            spec.get("ipv6VXLANTunnelAddr"),
+            (spec.get("wireguard") or {}).get("interfaceIPv4Address"),
+            (spec.get("wireguard") or {}).get("interfaceIPv6Address"),
+        )
+        return [text.split("/", 1)[0] for text in found if text]
+
 
 class ClusterInformation(SpecResource):
     """Cluster-wide facts (datastoreReady, clusterGUID, ...)."""

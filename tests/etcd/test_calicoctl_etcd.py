@@ -5,12 +5,15 @@ reading what it wrote, their outputs compared."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cni_plugin.workload import WorkloadID, write_endpoint
 from ipam_plugin.engine import IPAM, AutoAssignRequest
+from libcalico.model import ResourceKey
 from tests.calicoctl_support import (
     POLICY,
     POLICY_TABLES,
@@ -98,3 +101,49 @@ def test_ours_reads_what_real_calicoctl_wrote(ctl: Calicoctl, clean_etcd: EtcdCl
     assert real.doc("get", "node", "node1")["metadata"]["labels"]["zone"] == "a"
     assert real.doc("get", "gnp", "deny-blue")["spec"]["order"] == 20
     assert "Check complete; found 0 problems." in ctl.ok("ipam", "check")
+
+
+def _decommission(ctl: Calicoctl, clean_etcd: EtcdCluster, deleter: Calicoctl) -> dict[str, Any]:
+    """The etcd data left after `deleter` deletes node1, which had two pods, a VXLAN tunnel
+    address, its own FelixConfiguration and a block one of node2's pods borrowed from."""
+    clean_etcd.wipe()
+    ctl.ok("apply", "-f", "-", stdin=SEED)
+    felix = {"kind": "FelixConfiguration", "apiVersion": "projectcalico.org/v3"}
+    ctl.ok("apply", "-f", "-", stdin=json.dumps({**felix, "metadata": {"name": "node.node1"}}))
+    _pods(clean_etcd, 2)
+    with clean_etcd.open_store() as store:
+        engine = IPAM(store)
+        attrs = {"node": "node1", "type": "vxlanTunnelAddress"}
+        request = AutoAssignRequest("vxlan-tunnel-addr-node1", "node1", attrs, num_v4=1)
+        tunnel = engine.auto_assign(request)[0].ips[0].ip
+        node = store.get(ResourceKey("Node", "node1"))
+        node.value.spec["ipv4VXLANTunnelAddr"] = str(tunnel)
+        store.update(node)
+        engine.ensure_node("node2")
+        block = ipaddress.ip_network(f"{tunnel}/26", strict=False)
+        attrs = {"node": "node2", "pod": "q", "namespace": "default"}
+        borrowed = engine.assign_ip(str(block[40]), "k8s-pod-network.q", attrs, "node2")
+        wid = WorkloadID("node2", "k8s", "default", "q", "eth0")
+        write_endpoint(store, wid, "q", "caliq", "ee:ee:ee:ee:ee:ee", [borrowed], [])
+    assert deleter.ok("delete", "node", "node1") == "Successfully deleted 1 'Node' resource(s)\n"
+    assert "Check complete; found 0 problems." in ctl.ok("ipam", "check")
+    return clean_etcd.raw_json("/calico/")
+
+
+def test_deleting_a_node_leaves_what_real_calicoctl_leaves(
+    ctl: Calicoctl, clean_etcd: EtcdCluster
+) -> None:
+    def ipam(raw: dict[str, Any]) -> dict[str, Any]:
+        """Keys, and for blocks their affinity and allocations (the rest is bookkeeping)."""
+        return {
+            key: {k: value.get(k) for k in ("affinity", "allocations")}
+            if "/block/" in key
+            else None
+            for key, value in raw.items()
+            if not key.startswith("/calico/resources/v3/projectcalico.org/clusterinformations")
+        }
+
+    theirs = ipam(_decommission(ctl, clean_etcd, ctl.oracle()))
+    ours = ipam(_decommission(ctl, clean_etcd, ctl))
+    assert ours == theirs
+    assert not [key for key in ours if "node1" in key]

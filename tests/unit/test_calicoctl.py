@@ -18,9 +18,17 @@ from calicoctl import schema
 from calicoctl.kinds import go_float, kind_for
 from cni_plugin.workload import WorkloadID, write_endpoint
 from ipam_plugin.engine import IPAM, AutoAssignRequest
+from libcalico.datastore.base import NotFound
 from libcalico.datastore.kubernetes import NodeCodec, convert_uid
 from libcalico.datastore.local import LocalDatastore
-from libcalico.model import Node, ObjectMeta, ResourceKey
+from libcalico.model import (
+    BlockAffinityListOptions,
+    BlockKey,
+    Node,
+    ObjectMeta,
+    ResourceKey,
+    ResourceListOptions,
+)
 from tests.calicoctl_support import POLICY, SEED, rows
 from tests.harness import REPO
 from tests.unit.cli_support import Cli, cli, db
@@ -299,6 +307,52 @@ def test_show_borrowed(cli: Cli, db: str) -> None:
         "pod",
         "default/p2",
     ]
+
+
+def test_deleting_a_node_releases_what_it_held(cli: Cli, db: str) -> None:
+    """As calicoctl on etcd: the node's endpoints, addresses, tunnel address, affinities
+    and per-node configuration go with it; another node's address borrowed from its block
+    stays, in a block without affinity that goes when that address does."""
+    assert cli("apply", "-f", "-", stdin=SEED).code == 0
+    felix = doc("FelixConfiguration", "node.node1", {"logSeverityScreen": "Debug"})
+    assert cli("apply", "-f", "-", stdin=felix).code == 0
+    pods = [_allocate(db, "p1"), _allocate(db, "p2")]
+    other = _allocate(db, "q1", node="node2")
+    block = ipaddress.ip_network(f"{pods[0]}/26", strict=False)
+    with LocalDatastore(db) as store:
+        engine = IPAM(store)
+        attrs = {"node": "node1", "type": "vxlanTunnelAddress"}
+        tunnel, _ = engine.auto_assign(
+            AutoAssignRequest("vxlan-tunnel-addr-node1", "node1", attrs, num_v4=1)
+        )
+        node = store.get(ResourceKey("Node", "node1"))
+        node.value.spec["ipv4VXLANTunnelAddr"] = str(tunnel.ips[0].ip)
+        store.update(node)
+        borrowed = engine.assign_ip(
+            str(block[40]), "k8s-pod-network.q2", {"node": "node2", "pod": "q2"}, "node2"
+        )
+        wid = WorkloadID("node2", "k8s", "default", "q2", "eth0")
+        write_endpoint(store, wid, "q2", "cali1", "ee:ee:ee:ee:ee:ee", [borrowed], [])
+    assert cli("ipam", "check").code == 0
+
+    deleted = cli("delete", "node", "node1")
+    assert (deleted.code, deleted.out) == (0, "Successfully deleted 1 'Node' resource(s)\n")
+
+    for ip in [*pods, str(tunnel.ips[0].ip)]:
+        assert f"{ip} is not assigned" in cli("ipam", "show", "--ip", ip).out
+    for ip in (other, str(block[40])):
+        assert f"IP {ip} is in use" in cli("ipam", "show", "--ip", ip).out
+    assert cli("get", "felixconfiguration", "node.node1").code == 1
+    assert cli("get", "node", "node2").code == 0
+    assert cli("ipam", "check").code == 0
+    with LocalDatastore(db) as store:
+        endpoints = store.list(ResourceListOptions("WorkloadEndpoint"))
+        assert sorted(kvp.value.spec["pod"] for kvp in endpoints) == ["q1", "q2"]
+        assert store.list(BlockAffinityListOptions("node1")) == []
+        assert store.get(BlockKey(block)).value.affinity is None
+        IPAM(store).release_by_handle("k8s-pod-network.q2")
+        with pytest.raises(NotFound):
+            store.get(BlockKey(block))  # emptied and owned by nobody: back to the pool
 
 
 # --------------------------------------------------------------- migrate
