@@ -100,7 +100,8 @@ class _NoFreeBlocks(Exception):
 
 
 class _ClaimConflict(Exception):
-    """Another host claimed the block first: pick another block."""
+    """The claim lost a race (another host owns the block, or another claimer for this
+    host gave the pending affinity up meanwhile): choose again."""
 
 
 _RETRYABLE = (Conflict, AlreadyExists, _ClaimConflict)
@@ -828,9 +829,12 @@ class IPAM:
         try:
             affinity = self.store.create(KVPair(affinity_key, BlockAffinity(STATE_PENDING)))
         except AlreadyExists:
-            affinity = self.store.get(affinity_key)
-            if not affinity.value.is_confirmed():
-                affinity = self._set_affinity_state(affinity, STATE_PENDING)
+            try:
+                affinity = self.store.get(affinity_key)
+                if not affinity.value.is_confirmed():
+                    affinity = self._set_affinity_state(affinity, STATE_PENDING)
+            except NotFound:  # its claimer, for this host too, gave it up meanwhile
+                raise _ClaimConflict(str(cidr)) from None
         now = self._clock()
         block = AllocationBlock.new(cidr, host_affinity(host), _rfc3339(now), time.time_ns())
         try:

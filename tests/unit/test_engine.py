@@ -19,7 +19,7 @@ from ipam_plugin.engine import (
     fnv1_32,
 )
 from ipam_plugin.inspect import check_consistency
-from libcalico.datastore.base import Conflict, KVPair, NotFound
+from libcalico.datastore.base import AlreadyExists, Conflict, KVPair, NotFound
 from libcalico.datastore.local import LocalDatastore
 from libcalico.model import (
     AllocationBlock,
@@ -626,6 +626,39 @@ def test_block_cas_conflict_is_retried(store: LocalDatastore) -> None:
     assert racing.conflicts == 1
     assert ip.ip == first.ip + 1
     assert handle(store, "second") == IPAMHandle({str(ip.network): 1})  # decremented, re-added
+    assert_consistent(store)
+
+
+class AbandonedClaimStore:
+    """Delegates to a real store, but has another claimer for the same host create the
+    block's pending affinity just before this one and give it up just after."""
+
+    def __init__(self, inner: LocalDatastore) -> None:
+        self.inner = inner
+        self.abandoned: KVPair | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def create(self, kvp: KVPair) -> KVPair:
+        if isinstance(kvp.key, BlockAffinityKey) and self.abandoned is None:
+            self.abandoned = self.inner.create(kvp)
+            raise AlreadyExists(str(kvp.key))
+        return self.inner.create(kvp)
+
+    def get(self, key: Any) -> KVPair:
+        if self.abandoned is not None and key == self.abandoned.key:
+            self.inner.delete(self.abandoned)  # the other claimer lost its block elsewhere
+        return self.inner.get(key)
+
+
+def test_an_affinity_given_up_while_claiming_is_claimed_again(store: LocalDatastore) -> None:
+    add_pool(store, "default", "10.0.0.0/24")
+    IPAM(store).ensure_node(NODE)
+    racing = AbandonedClaimStore(store)
+    [ip] = assign(IPAM(racing), "first")  # type: ignore[arg-type]
+    assert racing.abandoned is not None
+    assert affinity(store, NODE, str(ip.network)).state == "confirmed"
     assert_consistent(store)
 
 
