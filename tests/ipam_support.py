@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from ipam_plugin import inspect
@@ -86,7 +88,16 @@ def results_of_processes(target: Callable[..., None], argsets: list[tuple]) -> l
     workers = [context.Process(target=target, args=(*args, queue)) for args in argsets]
     for worker in workers:
         worker.start()
-    results = [queue.get(timeout=300) for _ in workers]
+    results: list[Any] = []
+    deadline = time.monotonic() + 300
+    while len(results) < len(workers):
+        try:
+            results.append(queue.get(timeout=1))
+        except Empty:
+            # A worker that died before putting its result (its traceback is on stderr).
+            failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            assert not failed, f"worker processes exited with {failed}"
+            assert time.monotonic() < deadline, "workers gave no result in 300 s"
     for worker in workers:
         worker.join()
         assert worker.exitcode == 0
