@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from libcalico.datastore.base import Datastore
+    from tests.etcd_fixture import EtcdCluster
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -365,6 +366,19 @@ def create_pool(store: Datastore, cidr: str) -> None:
 
     pool = IPPool(ObjectMeta("bench-pool"), IPPoolSpec.from_json({"cidr": cidr}))
     store.create(KVPair(ResourceKey("IPPool", pool.name), pool))
+
+
+def start_bench_etcd(directory: Path, hint: str = "") -> EtcdCluster:
+    """One etcd member on loopback ports with its data in `directory` (the caller stops
+    it); a missing binary or a failed start is a BenchFailure, `hint` added to the first."""
+    from tests.etcd_fixture import ETCD_BINARY, start_etcd
+
+    if not os.access(ETCD_BINARY, os.X_OK):
+        raise BenchFailure(f"{ETCD_BINARY} is missing: install etcd-server{hint}")
+    try:
+        return start_etcd(directory)
+    except RuntimeError as err:
+        raise BenchFailure(f"etcd did not start: {err}") from err
 
 
 def create_local_pool(state: Path, cidr: str) -> None:

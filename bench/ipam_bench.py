@@ -45,10 +45,11 @@ from cni_bench import (
     publish,
     raise_on_sigterm,
     run_plugin,
+    start_bench_etcd,
 )
 
 # cni_bench has put the repository on sys.path.
-from tests.etcd_fixture import ETCD_BINARY, EtcdCluster, start_etcd
+from tests.etcd_fixture import EtcdCluster
 
 # calico-ipam allocates for cni_bench.NODE_NAME; the engine, measured after it in the same
 # datastore, gets a node of its own so that it too starts without a block.
@@ -84,12 +85,7 @@ def etcd_keys(cluster: EtcdCluster, state: Path) -> dict[str, str]:
 def etcd_backend(directory: Path) -> Iterator[Backend]:
     """One etcd member on loopback ports with its data in `directory`; stopped by its PID
     when the block ends, however it ends (the caller removes the directory)."""
-    if not os.access(ETCD_BINARY, os.X_OK):
-        raise BenchFailure(f"{ETCD_BINARY} is missing: install etcd-server or use --datastores")
-    try:
-        cluster = start_etcd(directory)
-    except RuntimeError as err:
-        raise BenchFailure(f"etcd did not start: {err}") from err
+    cluster = start_bench_etcd(directory, hint=" or use --datastores")
     print(f"etcd at {cluster.endpoint}", file=sys.stderr, flush=True)
     try:
         yield Backend("etcd", "etcd", partial(etcd_keys, cluster), cluster.wipe)

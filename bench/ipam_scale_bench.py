@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from cni_bench import (
-    REPO,
     BenchFailure,
     Report,
     Row,
@@ -47,17 +46,16 @@ from cni_bench import (
     publish,
     raise_on_sigterm,
     run_plugin,
+    start_bench_etcd,
 )
 
 # cni_bench has put the repository on sys.path.
 from tests.agent_fixture import AgentProcess
+from tests.calicoctl_support import ORACLE
 from tests.etcd.cni_support import kv_requests
-from tests.etcd_fixture import ETCD_BINARY, EtcdCluster, start_etcd
+from tests.etcd_fixture import EtcdCluster
 from tests.harness import bin_dir
 
-ORACLE_DIR = Path(
-    os.environ.get("CALICO_ORACLE_DIR", REPO.parent / "shared" / "oracles" / "calico-v3.31.7")
-)
 POOL_CIDR = "10.96.0.0/12"  # 16,384 /26 blocks
 MAX_BLOCKS_PER_HOST = 1000  # 20,000 addresses are 313 blocks; Calico's default cap is 20
 BLOCKS_PER_OTHER_NODE = 20
@@ -119,8 +117,7 @@ class Bed:
         return json.dumps(conf).encode()
 
     def env(self, column: Column, command: str, container_id: str) -> dict[str, str]:
-        binary = self.real if column.real else self.ours
-        env = cni_env(command, container_id, UNUSED_NETNS, os.path.dirname(binary))
+        env = cni_env(command, container_id, UNUSED_NETNS, os.path.dirname(self.binary(column)))
         if column.agent:
             assert self.agent is not None
             env.update(self.agent.env())
@@ -394,20 +391,15 @@ def testbed(columns: list[Column], bins: Path, root: Path) -> Iterator[Bed]:
     with ExitStack() as stack:
         etcd = None
         if any(c.datastore == "etcd" for c in columns):
-            if not os.access(ETCD_BINARY, os.X_OK):
-                raise BenchFailure(f"{ETCD_BINARY} is missing: install etcd-server")
-            try:
-                etcd = start_etcd(root / "etcd")
-            except RuntimeError as err:
-                raise BenchFailure(f"etcd did not start: {err}") from err
+            etcd = start_bench_etcd(root / "etcd")
             stack.callback(etcd.stop)
         real_dir = root / "real-bin"
         real_dir.mkdir()
         real = real_dir / "calico-ipam"  # the oracle's binary takes its role from the name
         if any(c.real for c in columns):
-            if not (ORACLE_DIR / "calico").is_file():
-                raise BenchFailure(f"real Calico is missing: {ORACLE_DIR}/calico")
-            real.symlink_to(ORACLE_DIR / "calico")
+            if not (ORACLE / "calico").is_file():
+                raise BenchFailure(f"real Calico is missing: {ORACLE}/calico")
+            real.symlink_to(ORACLE / "calico")
         ours = bins.absolute() / "calico-ipam"
         if not ours.exists():
             raise BenchFailure(f"{ours} is missing: run `make build` first")
@@ -516,7 +508,7 @@ def main(argv: list[str]) -> int:
         "pool_fills": levels(opts.pool_fills),
         "pool": POOL_CIDR,
         "max_blocks_per_host": MAX_BLOCKS_PER_HOST,
-        "oracle": str(ORACLE_DIR),
+        "oracle": str(ORACLE),
         "bin_dir": str(opts.bin_dir),
     }
 

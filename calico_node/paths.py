@@ -77,3 +77,13 @@ class NodePaths:
     @property
     def bird_log(self) -> Path:
         return self.log_dir / "bird.log"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`, mode 0644, atomically (readers never see half): written
+    to `.<name>.<pid>` beside it first, the directory made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 from calico_node import VERSION
 from calico_node.autodetect import Detected, HostInterface, complete_prefix, detect, host_interfaces
 from calico_node.config import ConfigError, NodeConfig, PoolEnv
+from calico_node.paths import write_atomic
 from libcalico.datastore.base import AlreadyExists, Conflict, Datastore, KVPair, NotFound
 from libcalico.model import (
     BGPConfiguration,
@@ -313,12 +313,7 @@ def ensure_default_configs(store: Datastore, config: NodeConfig, nodename: str) 
 
 def write_nodename(config: NodeConfig, nodename: str) -> None:
     """The bare name, no newline, 0644, written atomically (the CNI may read it any time)."""
-    path = config.paths.nodename_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(nodename)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(config.paths.nodename_file, nodename)
 
 
 def make_directories(config: NodeConfig) -> None:

@@ -82,10 +82,6 @@ def _attributes(block: AllocationBlock, ordinal: int) -> tuple[str | None, dict[
     return attribute.handle_id, attribute.secondary
 
 
-def _address(text: str) -> str:
-    return text.split("/", 1)[0]
-
-
 def _in_use(store: Datastore) -> tuple[dict[str, list[str]], int, int]:
     """Address -> who uses it; and how many node and workload addresses were found."""
     users: dict[str, list[str]] = defaultdict(list)
@@ -98,8 +94,8 @@ def _in_use(store: Datastore) -> tuple[dict[str, list[str]], int, int]:
     for kvp in store.list(ResourceListOptions("WorkloadEndpoint")):
         endpoint = kvp.value
         owner = f"Workload({endpoint.metadata.namespace}/{endpoint.metadata.name})"
-        for network in endpoint.spec.get("ipNetworks") or []:
-            users[_address(network)].append(owner)
+        for address in endpoint.addresses():
+            users[address].append(owner)
             workload_ips += 1
     return users, node_ips, workload_ips
 

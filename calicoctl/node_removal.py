@@ -25,11 +25,7 @@ def remove_node_data(store: Datastore, node: Node) -> None:
         for kvp in store.list(ResourceListOptions("WorkloadEndpoint"))
         if kvp.value.spec.get("node") == name
     ]
-    addresses = [
-        network.split("/", 1)[0]
-        for kvp in endpoints
-        for network in kvp.value.spec.get("ipNetworks") or []
-    ]
+    addresses = [address for kvp in endpoints for address in kvp.value.addresses()]
     released = addresses + node.tunnel_addresses()
     ipam = IPAM(store)
     if released:

@@ -1,5 +1,6 @@
 """Which allocations are no longer in use: the rules kube-controllers' IPAM garbage
-collector judges by, shared with `ipam check`, which counts what they find.
+collector (kube_controllers/ipam_gc.py) judges by. `calicoctl ipam check` does not use
+them: it matches allocations against workload endpoints and nodes' tunnel addresses.
 
 An allocation is in use until proven otherwise (kube-controllers' rule): one without pod
 attributes, or whose pod has not reported an address yet (its ADD may be in flight), is
@@ -13,21 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from libcalico.model import BlockListOptions
+from libcalico.model import TUNNEL_ADDRESS_FIELDS, BlockListOptions
 
 if TYPE_CHECKING:
     from libcalico.datastore.base import Datastore
     from libcalico.workloads import PodRecord, Snapshot
 
-TUNNEL_TYPES = frozenset(
-    {
-        "ipipTunnelAddress",
-        "vxlanTunnelAddress",
-        "vxlanV6TunnelAddress",
-        "wireguardTunnelAddress",
-        "wireguardV6TunnelAddress",
-    }
-)
+TUNNEL_TYPES = frozenset(attribute_type for attribute_type, _ in TUNNEL_ADDRESS_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -49,10 +42,6 @@ class Allocation:
     @property
     def key(self) -> tuple[str, str | None]:
         return self.ip, self.handle_id
-
-    def describe(self) -> str:
-        owner = f"pod {self.namespace}/{self.pod}" if self.pod else self.kind or "no owner"
-        return f"{self.ip} ({owner}, node {self.node or '?'}, handle {self.handle_id})"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ pods on it. Each scan judges every allocation against the cluster's pods and nod
 - a candidate still unused after the leak grace period is confirmed; one whose node is
   gone too is confirmed at once (nothing can come back for it);
 - a handle is released only when all of its addresses are confirmed (all or none, so a
-  handle never disagrees with its blocks), and only after one more live read of the
-  pod and node says so: a pod that came back between scan and release keeps its address;
+  handle never disagrees with its blocks), and only after one more live read of its pod
+  (of its node, for a tunnel address) says so: a pod that came back between scan and
+  release keeps its address;
 - a node that is gone has its empty blocks' affinities released once no address is
   left on them, so its blocks return to the pool.
 Releases go through the IPAM engine, whose compare-and-swap writes make a concurrent
@@ -19,14 +20,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ipam_plugin.engine import IPAM
 from ipam_plugin.leaks import Allocation, Unused, allocations, unused_allocations, why_unused
 from libcalico.datastore.base import Datastore, NotFound
 from libcalico.model import BlockAffinityListOptions
-from libcalico.workloads import KubernetesWorkloads
+from libcalico.workloads import KubernetesWorkloads, PodRecord
 
 log = logging.getLogger("kube-controllers")
 
@@ -44,8 +46,6 @@ class ScanReport:
     """What one scan found and did."""
 
     candidates: int = 0
-    released: list[Allocation] = field(default_factory=list)
-    released_blocks: dict[str, list[str]] = field(default_factory=dict)  # node -> CIDRs
 
 
 class IPAMGarbageCollector:
@@ -77,14 +77,12 @@ class IPAMGarbageCollector:
             or (leak_grace > 0 and now - candidate.since >= leak_grace)
         }
         for owned in _by_handle(found):
-            if all(a.key in confirmed for a in owned) and self._release(owned):
-                report.released += owned
-        gone = {kvp.key.host for kvp in self.store.list(BlockAffinityListOptions())}
-        for host in sorted(gone - snapshot.nodes):
+            if all(a.key in confirmed for a in owned):
+                self._release(owned)
+        affinities = Counter(kvp.key.host for kvp in self.store.list(BlockAffinityListOptions()))
+        for host in sorted(affinities.keys() - snapshot.nodes):
             if not self.workloads.node_exists(host):
-                released = self._release_node_blocks(host)
-                if released:
-                    report.released_blocks[host] = released
+                self._release_node_blocks(host, affinities[host])
         return report
 
     def _track(self, unused: list[Unused], now: float) -> None:
@@ -108,13 +106,20 @@ class IPAMGarbageCollector:
             else:
                 self._candidates[key].unused = finding
 
-    def _release(self, owned: list[Allocation]) -> bool:
+    def _release(self, owned: list[Allocation]) -> None:
         """Release a handle's addresses unless a live read shows one in use."""
+        pods: dict[tuple[str, str], PodRecord | None] = {}
         for allocation in owned:
+            # why_unused judges a tunnel address by its node alone, any other by its pod.
             pod = None
-            if allocation.pod and allocation.namespace:
-                pod = self.workloads.pod(allocation.namespace, allocation.pod)
-            node_exists = self.workloads.node_exists(allocation.node) if allocation.node else False
+            node_exists = False
+            if allocation.is_tunnel:
+                node_exists = bool(allocation.node) and self.workloads.node_exists(allocation.node)
+            elif allocation.pod and allocation.namespace:
+                name = (allocation.namespace, allocation.pod)
+                if name not in pods:
+                    pods[name] = self.workloads.pod(*name)
+                pod = pods[name]
             if why_unused(allocation, pod, node_exists) is None:
                 log.info(
                     "Leaked IP has been resurrected after querying latest state",
@@ -122,7 +127,7 @@ class IPAMGarbageCollector:
                 )
                 for other in owned:
                     self._candidates.pop(other.key, None)
-                return False
+                return
         for allocation in owned:
             log.info(
                 "Garbage collecting leaked IP address: %s",
@@ -139,21 +144,20 @@ class IPAMGarbageCollector:
             self.ipam.release_ips([a.ip for a in owned])
         for allocation in owned:
             self._candidates.pop(allocation.key, None)
-        return True
 
-    def _release_node_blocks(self, host: str) -> list[str]:
+    def _release_node_blocks(self, host: str, affinities: int) -> None:
+        """Release the empty blocks of `host`, which had `affinities` block affinities."""
         released = [str(cidr) for cidr in self.ipam.release_host_affinities(host)]
         if released:
             log.info(
                 "Released the blocks of a node that no longer exists",
                 extra={"fields": {"node": host, "blocks": ",".join(released)}},
             )
-        if any(kvp.key.host == host for kvp in self.store.list(BlockAffinityListOptions(host))):
+        if len(released) < affinities:
             log.info(
                 "Can't clean up node yet - IPs still in use on this node",
                 extra={"fields": {"node": host}},
             )
-        return released
 
 
 def _by_handle(found: list[Allocation]) -> list[list[Allocation]]:

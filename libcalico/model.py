@@ -781,6 +781,18 @@ class SpecResource:
         )
 
 
+# The tunnel addresses IPAM gives a node's own devices: the `type` attribute of their
+# allocation, and where Node.spec records the address (IPIP v4, VXLAN v4/v6, WireGuard
+# v4/v6), as calico-node's allocateip and Calico's IPAM name them.
+TUNNEL_ADDRESS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ipipTunnelAddress", ("bgp", "ipv4IPIPTunnelAddr")),
+    ("vxlanTunnelAddress", ("ipv4VXLANTunnelAddr",)),
+    ("vxlanV6TunnelAddress", ("ipv6VXLANTunnelAddr",)),
+    ("wireguardTunnelAddress", ("wireguard", "interfaceIPv4Address")),
+    ("wireguardV6TunnelAddress", ("wireguard", "interfaceIPv6Address")),
+)
+
+
 class Node(SpecResource):
     """A Calico Node: `spec.bgp` (ipv4Address with its prefix, asNumber,
     routeReflectorClusterID), tunnel addresses; IPAM needs its existence and labels.
@@ -795,14 +807,12 @@ class Node(SpecResource):
 
     def tunnel_addresses(self) -> list[str]:
         """The addresses IPAM gave this node's own devices (IPIP, VXLAN, WireGuard)."""
-        spec = self.spec
-        found = (
-            (spec.get("bgp") or {}).get("ipv4IPIPTunnelAddr"),
-            spec.get("ipv4VXLANTunnelAddr"),
-            spec.get("ipv6VXLANTunnelAddr"),
-            (spec.get("wireguard") or {}).get("interfaceIPv4Address"),
-            (spec.get("wireguard") or {}).get("interfaceIPv6Address"),
-        )
+        found = []
+        for _, path in TUNNEL_ADDRESS_FIELDS:
+            spec = self.spec
+            for name in path[:-1]:
+                spec = spec.get(name) or {}
+            found.append(spec.get(path[-1]))
         return [text.split("/", 1)[0] for text in found if text]
 
 
@@ -816,6 +826,10 @@ class WorkloadEndpoint(SpecResource):
     """What the calico plugin records per pod interface (namespaced; etcd mode)."""
 
     kind = "WorkloadEndpoint"
+
+    def addresses(self) -> list[str]:
+        """The IPs of spec.ipNetworks, without their prefix length."""
+        return [network.split("/", 1)[0] for network in self.spec.get("ipNetworks") or []]
 
 
 class Profile(SpecResource):

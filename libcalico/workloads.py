@@ -2,9 +2,10 @@
 
 An allocation records who asked for it (`node`, `namespace`, `pod` attributes); whether
 that owner still exists, and still holds the address, is a question for Kubernetes, not
-for Calico's data. Garbage collection and `ipam check` ask it here: one list of pods and
-one of nodes per scan (paged), and a fresh GET of one pod just before anything is
-released, so a decision never rests on a stale list alone.
+for Calico's data. kube-controllers' IPAM garbage collection asks it here: one list of
+pods and one of nodes per scan (paged), and a fresh GET of a pod (or, for a tunnel
+address, its node) just before anything is released, so a decision never rests on a stale
+list alone.
 """
 
 from __future__ import annotations

@@ -16,13 +16,10 @@ from typing import Any
 
 import pytest
 
+from tests.calicoctl_support import ORACLE
 from tests.harness import CNIResult
 from tests.ipam_support import run_ipam
 
-REPO = Path(__file__).resolve().parent.parent
-ORACLE_DIR = Path(
-    os.environ.get("CALICO_ORACLE_DIR") or REPO.parent / "shared" / "oracles" / "calico-v3.31.7"
-)
 _BLOCK_ROW = re.compile(r"^\| Block\s+\|\s*(\S+)\s*\|\s*(\d+)\s*\|\s*(\d+) ")
 
 
@@ -61,14 +58,14 @@ class RealCalico:
 
 @pytest.fixture(scope="session")
 def real_calico(tmp_path_factory: pytest.TempPathFactory) -> RealCalico:
-    binary = ORACLE_DIR / "calico"
+    binary = ORACLE / "calico"
     if not binary.is_file():
-        message = f"real Calico is not at {ORACLE_DIR} (set CALICO_ORACLE_DIR)"
+        message = f"real Calico is not at {ORACLE} (set CALICO_ORACLE_DIR)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     directory = tmp_path_factory.mktemp("real-calico")
     for role in ("calico", "calico-ipam"):
         (directory / role).symlink_to(binary)
-    (directory / "calicoctl").symlink_to(ORACLE_DIR / "calicoctl")
+    (directory / "calicoctl").symlink_to(ORACLE / "calicoctl")
     return RealCalico(directory)

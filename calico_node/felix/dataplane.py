@@ -34,7 +34,6 @@ from calico_node.felix.model import (
     Dataplane,
     HostFacts,
     desired_dataplane,
-    ipip_pools,
     ipip_wanted,
 )
 from calico_node.felix.monitor import NetlinkMonitor
@@ -105,8 +104,6 @@ class Felix(Consumer):
         self.node = node
         self.env = node.config.environ
         self.backend = node.config.networking_backend
-        # The environment's settings are checked now: a bad FELIX_* stops the start.
-        self.refresh_interval = FelixConfig.resolve(self.env, {}, {}).refresh_interval
         self.mtu_file = node.paths.lib_dir / "mtu"
         self._ipr: IPRoute | None = None
         self._route_manager: routes.RouteManager | None = None  # keeps what it programmed
@@ -123,7 +120,6 @@ class Felix(Consumer):
         self._watch = _Watched()
         self._last_problems: tuple[str, ...] = ()
         self.dataplane: Dataplane | None = None  # the last desired state (status, tests)
-        self.problems: tuple[str, ...] = ()
 
     # -- plumbing
 
@@ -189,16 +185,18 @@ class Felix(Consumer):
         supported = True
         if ipip_wanted(snapshot, config):
             supported = ipip.IPIPManager(ipr).supported(links)
-            if not supported:
-                problems.append(ipip.refusal(tuple(sorted(p.name for p in ipip_pools(snapshot)))))
+        parents = self._parents(ipr, links, snapshot)
         host = HostFacts(
             host_mtu=mtu.detect(links, config.mtu_iface_pattern, self._warned),
-            parents=self._parents(ipr, links, snapshot),
+            parents={version: link.name for version, link in parents.items()},
             ipip_supported=supported,
         )
         want = desired_dataplane(snapshot, me, config, self.backend, host)
         self.dataplane = want
         self._watch.update(want, config, host)
+        if not supported:
+            assert want.ipip is not None  # IPIP is wanted: that is what was not supported
+            problems.append(ipip.refusal(want.ipip.pools))
         problems += want.waiting
 
         def step(what: str, inputs: object, force: bool, run: Callable[[], list[str]]) -> None:
@@ -215,7 +213,12 @@ class Felix(Consumer):
                 return
             self._applied[what] = inputs
 
-        step("VXLAN", want.vxlan, resync, lambda: vxlan.VXLANManager(ipr).apply(want.vxlan, links))
+        step(
+            "VXLAN",
+            want.vxlan,
+            resync,
+            lambda: vxlan.VXLANManager(ipr).apply(want.vxlan, links, parents),
+        )
         links = self._links()
         if supported:
             step("IPIP", want.ipip, resync, lambda: ipip.IPIPManager(ipr).apply(want.ipip, links))
@@ -240,13 +243,13 @@ class Felix(Consumer):
             self._dirty.set()  # the retry reads everything back
             raise NotReady("; ".join(problems))
 
-    def _parents(self, ipr: IPRoute, links: dict[str, Link], snapshot: Snapshot) -> dict[int, str]:
+    def _parents(self, ipr: IPRoute, links: dict[str, Link], snapshot: Snapshot) -> dict[int, Link]:
         """The interface holding the node's address, per family."""
         parents = {}
         for version, text in _own_addresses(snapshot, self.node.name).items():
             link = netlink.interface_with(ipr, links, ipaddress.ip_address(text))
             if link is not None:
-                parents[version] = link.name
+                parents[version] = link
         return parents
 
     def _mtu_file(self, value: int) -> list[str]:
@@ -263,7 +266,6 @@ class Felix(Consumer):
             if not problems:
                 log.info("dataplane in sync")
         self._last_problems = problems
-        self.problems = problems
 
 
 def uninstall(lib_dir: Path, env: Mapping[str, str]) -> list[str]:

@@ -55,19 +55,10 @@ class IPIPManager:
         link = links.get(IPIP_DEVICE)
         if link is None:
             return []
-        fixed = []
-        present = [
-            (ip, plen) for _, ip, plen in netlink.addresses(self.ipr, link.index) if ip.version == 4
-        ]
         wanted = [(want.tunnel_ip, 32)] if want is not None and want.tunnel_ip else []
-        for ip, plen in present:
-            if (ip, plen) not in wanted:
-                self.ipr.addr("del", index=link.index, address=str(ip), prefixlen=plen)
-                fixed.append(f"{IPIP_DEVICE}: removed address {ip}/{plen}")
-        for ip, plen in wanted:
-            if (ip, plen) not in present:
-                self.ipr.addr("add", index=link.index, address=str(ip), prefixlen=plen)
-                fixed.append(f"{IPIP_DEVICE}: address {ip}/{plen}")
+        fixed = netlink.converge_addresses(
+            self.ipr, link.index, IPIP_DEVICE, 4, wanted, keep_link_local=False
+        )
         if want is not None and (link.mtu != want.mtu or not link.up):
             self.ipr.link("set", index=link.index, mtu=want.mtu, state="up")
             fixed.append(f"{IPIP_DEVICE}: MTU {want.mtu}, up")

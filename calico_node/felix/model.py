@@ -197,6 +197,9 @@ class _Builder:
         networks = sorted(usable_pools(snapshot), key=lambda item: item[0].prefixlen, reverse=True)
         self.pool_networks = networks
         self.pools = [p for _, p in networks]
+        self.ipip_pools = tuple(sorted(p.name for n, p in networks if _is_ipip_pool(n, p)))
+        on = config.ipip_enabled
+        self._ipip_wanted = on if on is not None else bool(self.ipip_pools)
         self._addresses: dict[tuple[str, int], Any] = {}
         self.waiting: list[str] = []
         own = snapshot.nodes.get(nodename)
@@ -218,7 +221,7 @@ class _Builder:
         return any(_encapsulation(p)[0] == "vxlan" for _, p in self._pools_of(version))
 
     def ipip_wanted(self) -> bool:
-        return ipip_wanted(self.snapshot, self.config)
+        return self._ipip_wanted
 
     def vxlan_mtu(self, version: int) -> int:
         configured = self.config.vxlan_mtu if version == 4 else self.config.vxlan_mtu_v6
@@ -266,9 +269,7 @@ class _Builder:
                 tunnel = ipaddress.IPv4Address(text) if text else None
             except ValueError:
                 tunnel = None
-        return IPIPDevice(
-            tunnel, self.ipip_mtu(), tuple(sorted(p.name for p in ipip_pools(self.snapshot)))
-        )
+        return IPIPDevice(tunnel, self.ipip_mtu(), self.ipip_pools)
 
     # -- routes
 
@@ -407,17 +408,15 @@ def usable_pools(snapshot: Snapshot) -> list[tuple[IPNetwork, IPPool]]:
     return found
 
 
-def ipip_pools(snapshot: Snapshot) -> list[IPPool]:
-    return [
-        p for n, p in usable_pools(snapshot) if n.version == 4 and _encapsulation(p)[0] == "ipip"
-    ]
+def _is_ipip_pool(network: IPNetwork, pool: IPPool) -> bool:
+    return network.version == 4 and _encapsulation(pool)[0] == "ipip"
 
 
 def ipip_wanted(snapshot: Snapshot, config: FelixConfig) -> bool:
-    """IPIP is on by ipipEnabled, else when an IPv4 pool uses it."""
+    """IPIP is on by ipipEnabled, else when an IPv4 pool uses it (as `_Builder` decides)."""
     if config.ipip_enabled is not None:
         return config.ipip_enabled
-    return bool(ipip_pools(snapshot))
+    return any(_is_ipip_pool(n, p) for n, p in usable_pools(snapshot))
 
 
 def desired_dataplane(

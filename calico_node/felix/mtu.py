@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from calico_node.felix.model import FALLBACK_HOST_MTU, IPIP_DEVICE, VXLAN_DEVICE
 from calico_node.felix.netlink import Link
+from calico_node.paths import write_atomic
 
 log = logging.getLogger("felix")
 
@@ -54,11 +54,7 @@ def write_file(path: Path, mtu: int) -> bool:
     with contextlib.suppress(OSError):
         if path.read_text() == text:
             return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return True
 
 

@@ -143,17 +143,19 @@ def _saved_rules(text: str) -> dict[str, list[tuple[str | None, str]]]:
 class MasqManager:
     def apply(self, sets: Mapping[int, NatSets], config: FelixConfig) -> list[str]:
         fixed = []
+        # One read serves both families: their set names never overlap.
+        current = _saved_sets(_run(["ipset", "save"])) if sets else {}
         for version, nat in sets.items():
             family = Family(version)
-            fixed += self._ipsets(family, nat)
+            fixed += self._ipsets(family, nat, current)
             fixed += self._chains(family, desired_rules(nat, config))
         return fixed
 
     # -- ipsets
 
-    def _ipsets(self, family: Family, nat: NatSets) -> list[str]:
+    def _ipsets(self, family: Family, nat: NatSets, current: Mapping[str, set[str]]) -> list[str]:
+        """`current` is `ipset save` as `_saved_sets` parses it."""
         members = dict(zip(_SET_KINDS, (nat.masquerade, nat.all_pools, nat.hosts), strict=True))
-        current = _saved_sets(_run(["ipset", "save"]))
         script, fixed = [], []
         for kind, wanted in members.items():
             name = family.set_name(kind)

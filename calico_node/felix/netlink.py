@@ -88,6 +88,34 @@ def interface_with(ipr: IPRoute, all_links: dict[str, Link], ip: IPAddress) -> L
     return next((by_index.get(i) for i, a, _ in addresses(ipr) if a == ip), None)
 
 
+def converge_addresses(
+    ipr: IPRoute,
+    index: int,
+    name: str,
+    version: int,
+    wanted: list[tuple[IPAddress, int]],
+    keep_link_local: bool = True,
+) -> list[str]:
+    """Give link `index` (`name`, for the log) exactly the `wanted` (address, prefix
+    length)s of this family; link-local addresses are left alone unless `keep_link_local`
+    is false. Returns what was fixed."""
+    present = [
+        (ip, plen)
+        for _, ip, plen in addresses(ipr, index)
+        if ip.version == version and not (keep_link_local and ip.is_link_local)
+    ]
+    fixed = []
+    for ip, plen in present:
+        if (ip, plen) not in wanted:
+            ipr.addr("del", index=index, address=str(ip), prefixlen=plen)
+            fixed.append(f"{name}: removed address {ip}/{plen}")
+    for ip, plen in wanted:
+        if (ip, plen) not in present:
+            ipr.addr("add", index=index, address=str(ip), prefixlen=plen)
+            fixed.append(f"{name}: address {ip}/{plen}")
+    return fixed
+
+
 def request(msg: Any, kind: int, replace: bool) -> Any:
     msg["header"]["type"] = kind
     flags = NLM_F_REQUEST | NLM_F_ACK

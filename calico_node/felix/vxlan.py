@@ -50,8 +50,14 @@ class VXLANManager:
     def __init__(self, ipr: IPRoute) -> None:
         self.ipr = ipr
 
-    def apply(self, devices: Mapping[int, VXLANDevice], links: dict[str, Link]) -> list[str]:
-        """Converge both families' devices; returns what was fixed (for the log)."""
+    def apply(
+        self,
+        devices: Mapping[int, VXLANDevice],
+        links: dict[str, Link],
+        parents: Mapping[int, Link],
+    ) -> list[str]:
+        """Converge both families' devices; `parents` are the interfaces holding this node's
+        address, per family. Returns what was fixed (for the log)."""
         fixed: list[str] = []
         for version, name in VXLAN_DEVICE.items():
             want = devices.get(version)
@@ -61,14 +67,13 @@ class VXLANManager:
                     self.ipr.link("del", index=link.index)
                     fixed.append(f"removed {name} (no pool of its family uses VXLAN)")
                 continue
-            link = self._device(want, link, links, fixed)
+            link = self._device(want, link, parents.get(version), fixed)
             self._peers(want, link, fixed)
         return fixed
 
     def _device(
-        self, want: VXLANDevice, link: Link | None, links: dict[str, Link], fixed: list[str]
+        self, want: VXLANDevice, link: Link | None, parent: Link | None, fixed: list[str]
     ) -> Link:
-        parent = netlink.interface_with(self.ipr, links, want.local_ip)
         if parent is None:
             raise VXLANError(f"{want.name}: no interface holds this node's address {want.local_ip}")
         if link is not None and (why := _mismatch(link, want, parent)):
@@ -105,19 +110,10 @@ class VXLANManager:
 
     def _address(self, want: VXLANDevice, link: Link, fixed: list[str]) -> None:
         """The tunnel address as a host route (/32, /128) and no other global address."""
-        prefix = want.tunnel_ip.max_prefixlen
-        present = [
-            (ip, plen)
-            for _, ip, plen in netlink.addresses(self.ipr, link.index)
-            if ip.version == want.version and not ip.is_link_local
-        ]
-        for ip, plen in present:
-            if (ip, plen) != (want.tunnel_ip, prefix):
-                self.ipr.addr("del", index=link.index, address=str(ip), prefixlen=plen)
-                fixed.append(f"{want.name}: removed address {ip}/{plen}")
-        if (want.tunnel_ip, prefix) not in present:
-            self.ipr.addr("add", index=link.index, address=str(want.tunnel_ip), prefixlen=prefix)
-            fixed.append(f"{want.name}: address {want.tunnel_ip}/{prefix}")
+        wanted = [(want.tunnel_ip, want.tunnel_ip.max_prefixlen)]
+        fixed.extend(
+            netlink.converge_addresses(self.ipr, link.index, want.name, want.version, wanted)
+        )
 
     def _peers(self, want: VXLANDevice, link: Link, fixed: list[str]) -> None:
         family = netlink.FAMILY[want.version]

@@ -35,7 +35,7 @@ import yaml
 
 from tests.cluster.node import FABRIC_PREFIX, Fabric, KubeNode, kubeconfig_text, poll, write_private
 from tests.etcd.cni_support import LoopbackRelay
-from tests.etcd_fixture import log_tail, stop_process
+from tests.etcd_fixture import stop_process
 from tests.harness import REPO, bin_dir, calico_cli
 from tests.k8s.fixture import (
     CALICO_NODE_USER,
@@ -46,6 +46,7 @@ from tests.k8s.fixture import (
     kube_apiserver,
     kube_binaries,
 )
+from tests.k8s.k8s_support import objects
 
 IMAGES = Path(__file__).with_name("images.sh")
 COMMANDS = (
@@ -142,16 +143,8 @@ class Cluster:
             )  # fmt: skip
             raise AssertionError(f"{err}\n{events.stdout[-3000:]}") from None
 
-    def wait_gone(self, name: str, namespace: str = "default", timeout: float = 180) -> None:
-        poll(
-            lambda: self.kubectl("get", "pod", "-n", namespace, name, check=False).returncode != 0,
-            f"pod {namespace}/{name} deleted",
-            timeout,
-        )
-
     def ipam_objects(self, plural: str) -> dict[str, dict[str, Any]]:
-        items = self.kube.admin.request("GET", f"/apis/crd.projectcalico.org/v1/{plural}")["items"]
-        return {item["metadata"]["name"]: item for item in items}
+        return objects(self.kube, plural)
 
     def allocations(self) -> dict[str, dict[str, str]]:
         """Every allocated address -> its attributes (handle_id and the secondary ones)."""
@@ -387,9 +380,6 @@ class Cluster:
     def footprint(self) -> list[str]:
         """Every host path the cluster made (netns, cgroups): gone once it stopped."""
         return [self.fabric.netns.path, *self.made]
-
-    def control_log(self, name: str, lines: int = 40) -> str:
-        return log_tail(self.directory / f"{name}.log", lines)
 
     def stop(self) -> None:
         """Delete every pod first, so each sandbox's CNI DEL runs while kubelet and

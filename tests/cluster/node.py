@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from tests.etcd_fixture import log_tail, stop_process
-from tests.harness import REPO, Netns, sh, unique, wait_for
+from tests.harness import Netns, sh, unique, wait_for
 
 # Kernel tunables kubelet sets when protectKernelDefaults is off (pkg/kubelet/cm): global,
 # not per netns, so each node covers them with a file.
@@ -203,6 +203,14 @@ class KubeNode:
             timeout=timeout,
         )
 
+    def pod_exec(
+        self, pod: str, *argv: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """A command in the pod's (only) running container, through crictl."""
+        label = f"io.kubernetes.pod.name={pod}"
+        container = self.crictl("ps", "-q", "--label", label).stdout.split()[0]
+        return self.crictl("exec", container, *argv, check=check)
+
     def log(self, name: str, lines: int = 40) -> str:
         return log_tail(self.directory / f"{name}.log", lines)
 
@@ -349,4 +357,4 @@ def poll(condition: Callable[[], Any], what: str, timeout: float = 180.0) -> Any
         time.sleep(0.5)
 
 
-__all__ = ["REPO", "Fabric", "KubeNode", "kubeconfig_text", "poll", "write_private"]
+__all__ = ["Fabric", "KubeNode", "kubeconfig_text", "poll", "write_private"]

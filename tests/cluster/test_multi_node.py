@@ -105,9 +105,7 @@ def on_node(web: dict[str, dict], node: str) -> list[dict]:
 def pod_exec(cluster: Cluster, pod: dict, *argv: str, check: bool = True):
     """A command in a pod's container, through crictl on the pod's node."""
     node = cluster.nodes[pod["spec"]["nodeName"]]
-    label = f"io.kubernetes.pod.name={pod['metadata']['name']}"
-    container = node.crictl("ps", "-q", "--label", label).stdout.split()[0]
-    return node.crictl("exec", container, *argv, check=check)
+    return node.pod_exec(pod["metadata"]["name"], *argv, check=check)
 
 
 def test_pods_reach_each_other_across_nodes(cluster: Cluster, web: dict[str, dict]) -> None:

@@ -61,15 +61,6 @@ def run_pod(cluster: Cluster, command: str = "sleep 3600") -> tuple[str, dict]:
     return name, cluster.wait_running(name)
 
 
-def container_id(node: KubeNode, pod: str) -> str:
-    """The pod's (only) running container, as crictl names it."""
-    return node.crictl("ps", "-q", "--label", f"io.kubernetes.pod.name={pod}").stdout.split()[0]
-
-
-def pod_exec(node: KubeNode, pod: str, *argv: str, check: bool = True):
-    return node.crictl("exec", container_id(node, pod), *argv, check=check)
-
-
 def host_routes(node: KubeNode) -> dict[str, str]:
     """Pod /32 routes in the node's netns: destination -> device."""
     routes = json.loads(node.run("ip", "-j", "-4", "route", "show").stdout)
@@ -118,10 +109,10 @@ def test_a_pod_gets_its_calico_address_and_annotations(cluster: Cluster, node: K
     veth = host_routes(node)[ip]
     link = json.loads(node.run("ip", "-j", "link", "show", veth).stdout)[0]
     assert link["address"] == "ee:ee:ee:ee:ee:ee"
-    inside = pod_exec(node, name, "ip", "-4", "addr", "show", "eth0").stdout
+    inside = node.pod_exec(name, "ip", "-4", "addr", "show", "eth0").stdout
     assert f"inet {ip}/32" in inside
-    assert "default via 169.254.1.1" in pod_exec(node, name, "ip", "route").stdout
-    assert pod_exec(node, name, "ping", "-c", "1", "-W", "5", node.address).returncode == 0
+    assert "default via 169.254.1.1" in node.pod_exec(name, "ip", "route").stdout
+    assert node.pod_exec(name, "ping", "-c", "1", "-W", "5", node.address).returncode == 0
     assert node.run("ping", "-c", "1", "-W", "5", ip).returncode == 0
     show = cluster.calico("ipam", "show", "--show-blocks")
     assert show.returncode == 0 and POD_POOL in show.stdout, show

@@ -518,14 +518,6 @@ def test_add_is_refused_while_the_datastore_is_not_ready(
 def test_admin_commands_work_on_the_kubernetes_datastore(
     node: Node, kube: KubeCluster, pod_name: str, tmp_path: Path
 ) -> None:
-    # `ipam check` matches every pod's addresses with IPAM: earlier tests' pods claim
-    # addresses of a datastore wiped since (or host-local's), so only this test's may remain.
-    now = {"gracePeriodSeconds": 0}
-    for item in kube.admin.request("GET", "/api/v1/pods")["items"]:
-        meta = item["metadata"]
-        if meta["name"] != pod_name:
-            path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
-            kube.admin.request("DELETE", path, now)
     conf = k8s_conf(kube, tmp_path)
     cid, pod = container_id(), node.new_pod()
     assert add(node, conf, pod_name, cid, pod).code == 0

@@ -359,8 +359,7 @@ class Cluster:
         """Another subnet on a bridge of its own, and the fabric netns made the router
         between the subnets (each bridge gets the subnet's gateway address, the nodes'
         default route): what CrossSubnet needs. Returns the index `add_node` takes."""
-        for network, bridge in self.subnets[:1]:
-            self._route_on(network, bridge)
+        self._route_on(*self.subnets[0])  # the first subnet's gateway too
         network, bridge = ipaddress.ip_network(cidr), f"br{len(self.subnets)}"
         sh("ip", "-n", self.fabric.name, "link", "add", bridge, "type", "bridge")
         sh("ip", "-n", self.fabric.name, "link", "set", bridge, "up")
